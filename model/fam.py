@@ -1,0 +1,295 @@
+"""TransformerFAM over a Llama-family decoder, top to bottom (FAM_SPEC.md is the contract).
+
+One code path serves the four modes. A call processes a chunk of T tokens that lies inside one block of B
+tokens. Per layer, the query rows are the chunk's tokens, preceded by the layer's F feedback rows when the chunk
+completes its block; the key columns are [feedback rows | cached slots | chunk]:
+
+    query \\ key      feedback (F)   cached slots (S)                 chunk (T)
+    feedback rows    all            only the current block's slots   all
+    chunk token t    all            all                              keys <= t
+
+Cached slots are [sinks | memory blocks | earlier tokens of the current block]. The feedback rows run through the
+layer's own norm, attention and MLP; their output is the layer's new feedback state, read by the same layer in the
+next block. Chunk tokens never see it. When a block completes, memory is trimmed to the last m blocks.
+
+bswa is fam with F = 0; sink keeps the first tokens and re-bases positions into the cache; full never evicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor, nn
+
+from model.config import ArchConfig, FamConfig
+from model.state import FamState
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
+
+    def kv(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """xn [b, R, d] (normed) -> keys, values [b, kv_heads, R, head_dim], before RoPE."""
+        b, r, _ = xn.shape
+        k = self.k_proj(xn).view(b, r, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(xn).view(b, r, self.n_kv, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def q(self, xn: Tensor) -> Tensor:
+        b, r, _ = xn.shape
+        return self.q_proj(xn).view(b, r, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q [b, H, R, hd] (rotated), k/v [b, KV, C, hd] (rotated) -> [b, R, d]."""
+        o = F_.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        b, _, r, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, r, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F_.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def finish(self, resid: Tensor, attn_out: Tensor) -> Tensor:
+        """Residual after attention, then the post-attention norm and MLP (block rows and FAM rows alike)."""
+        y = resid + attn_out
+        return y + self.mlp(self.post_attention_layernorm(y))
+
+
+class Rope:
+    """RoPE with angles computed in float64, so that they stay exact at positions in the millions."""
+
+    def __init__(self, inv_freq: Tensor, scaling: float):
+        self.inv_freq = inv_freq.double()  # [head_dim / 2]
+        self.scaling = scaling
+
+    def cos_sin(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """pos [b, n] -> cos, sin [b, 1, n, head_dim] (the head axis broadcasts)."""
+        ang = pos.double()[..., None] * self.inv_freq.to(pos.device)
+        ang = torch.cat((ang, ang), dim=-1)
+        return ((ang.cos() * self.scaling).to(dtype)[:, None], (ang.sin() * self.scaling).to(dtype)[:, None])
+
+    @staticmethod
+    def apply(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class FamLM(nn.Module):
+    """The decoder (module names follow the Hugging Face checkpoint, so LoRA targets read the same) plus the
+    learned FAM prompt. The model holds weights only: every per-document value lives in a `FamState`."""
+
+    def __init__(self, arch: ArchConfig, fam: FamConfig, rope: Rope):
+        super().__init__()
+        self.arch, self.fam_cfg, self.rope = arch, fam, rope
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # P: F embeddings at the embedding level (FAM_SPEC "Initial state"); set by init_fam_prompt or an adapter.
+        self.fam_prompt = nn.Parameter(torch.zeros(fam.fam_len, arch.hidden_size))
+        self._fam0: tuple[Tensor, Tensor, Tensor] | None = None  # inference cache of the initial state
+
+    # ----------------------------------------------------------------------------------------------
+    # initial state
+
+    @torch.no_grad()
+    def init_fam_prompt(self, token_ids: list[int]) -> None:
+        """Initialise P from the token embeddings of a neutral text, repeated to F rows (recorded in adapters)."""
+        ids = (token_ids * (self.fam_cfg.fam_len // max(len(token_ids), 1) + 1))[: self.fam_cfg.fam_len]
+        self.fam_prompt.copy_(self.embed_tokens.weight[torch.tensor(ids, device=self.fam_prompt.device)])
+        self.invalidate_cache()
+
+    def invalidate_cache(self) -> None:
+        """Call after changing weights (adapter merge, training step) outside autograd."""
+        self._fam0 = None
+
+    def initial_fam(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Run P alone through all layers with bidirectional attention among its F rows.
+
+        Returns the activation entering each layer, F_{-1}^l [L, F, d], and its keys/values [L, KV, F, hd].
+        Under autograd it is recomputed (P and LoRA change every step); otherwise it is computed once.
+        """
+        if self._fam0 is not None and not torch.is_grad_enabled():
+            return self._fam0
+        n = self.fam_cfg.fam_len
+        h = self.fam_prompt.to(self.embed_tokens.weight.dtype)[None]  # [1, F, d]
+        cos, sin = self.rope.cos_sin(torch.arange(n, device=h.device)[None], h.dtype)
+        ins, ks, vs = [], [], []
+        for layer in self.layers:
+            xn = layer.input_layernorm(h)
+            k, v = layer.self_attn.kv(xn)
+            ins.append(h[0])
+            ks.append(k[0])
+            vs.append(v[0])
+            q = Rope.apply(layer.self_attn.q(xn), cos, sin)
+            h = layer.finish(h, layer.self_attn.attend(q, Rope.apply(k, cos, sin), v, None))
+        out = (torch.stack(ins), torch.stack(ks), torch.stack(vs))
+        if not torch.is_grad_enabled():
+            self._fam0 = out
+        return out
+
+    def new_state(self, batch: int = 1, mode: str | None = None, position: int = 0) -> FamState:
+        """An empty document. `position` is the RoPE position of its first token (the tests shift it)."""
+        cfg = self.fam_cfg if mode is None else self.fam_cfg.replace(mode=mode)
+        a, dev, dt = self.arch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
+        empty_kv = torch.zeros(batch, a.num_layers, a.num_kv_heads, 0, a.head_dim, device=dev, dtype=dt)
+        if cfg.F:
+            fam, fk, fv = (t[None].expand(batch, *t.shape) for t in self.initial_fam())
+        else:
+            fam = torch.zeros(batch, a.num_layers, 0, a.hidden_size, device=dev, dtype=dt)
+            fk = fv = empty_kv
+        return FamState(
+            cfg=cfg, k=empty_kv, v=empty_kv, fam=fam, fam_k=fk, fam_v=fv,
+            fam_fresh=torch.ones(batch, dtype=torch.bool, device=dev),
+            base=torch.full((batch,), 0 if cfg.mode == "sink" else position, dtype=torch.int64, device=dev),
+            n_tokens=torch.zeros(batch, dtype=torch.int64, device=dev), n_block=0, n_sinks=0,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # the forward
+
+    def forward_chunk(self, state: FamState, tokens: Tensor) -> tuple[FamState, Tensor]:
+        """Process tokens [b, T] that lie inside the current block. Returns the new state and the final-normed
+        hidden states of the chunk [b, T, d] (apply `lm_head` to those whose logits are needed)."""
+        cfg = state.cfg
+        b, T = tokens.shape
+        S, B = state.n_cached, cfg.block_size
+        assert b == state.batch_size, f"tokens batch {b} != state batch {state.batch_size}"
+        assert 0 < T <= B - state.n_block, f"chunk of {T} tokens does not fit the block ({state.n_block}/{B} used)"
+        if not cfg.evicts and S + T > self.arch.max_position_embeddings:
+            raise ValueError(
+                f"full mode is limited to the model's context of {self.arch.max_position_embeddings} tokens"
+            )
+        completes = state.n_block + T == B
+        nf = cfg.F
+        fam_rows = nf if completes else 0  # feedback rows join the queries when this chunk completes the block
+        block_start = S - state.n_block  # cache slot where the current block begins
+        dev = tokens.device
+
+        # Positions: cached slot j sits at base + j; the feedback rows take the F positions before the block.
+        slot_pos = state.base[:, None] + torch.arange(S + T, device=dev)
+        fam_pos = state.base[:, None] + block_start - nf + torch.arange(nf, device=dev)
+        dt = self.embed_tokens.weight.dtype
+        cos_k, sin_k = self.rope.cos_sin(torch.cat((fam_pos, slot_pos), 1), dt)
+        q_pos = torch.cat((fam_pos[:, :fam_rows], slot_pos[:, S:]), 1)
+        cos_q, sin_q = self.rope.cos_sin(q_pos, dt)
+        mask = _mask(nf, S, T, block_start, fam_rows, dev)
+
+        h = self.embed_tokens(tokens)  # [b, T, d]
+        keep = (~state.fam_fresh).to(dt)[:, None, None]  # zero residual for the first update of a fresh state
+        new_k, new_v, new_fam = [], [], []
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            fam_in = state.fam[:, li]
+            x = torch.cat((fam_in, h), 1) if fam_rows else h  # [b, fam_rows + T, d]
+            xn = layer.input_layernorm(x)
+            k, v = attn.kv(xn)
+            if fam_rows:  # one projection over [F_prev ; X]; F_prev's keys are the state's fam_k
+                fk, fv, k, v = k[:, :, :nf], v[:, :, :nf], k[:, :, nf:], v[:, :, nf:]
+            else:
+                fk, fv = state.fam_k[:, li], state.fam_v[:, li]
+            keys = Rope.apply(torch.cat((fk, state.k[:, li], k), 2), cos_k, sin_k)
+            vals = torch.cat((fv, state.v[:, li], v), 2)
+            q = Rope.apply(attn.q(xn), cos_q, sin_q)
+            resid = torch.cat((fam_in * keep, h), 1) if fam_rows else h
+            y = layer.finish(resid, attn.attend(q, keys, vals, mask))
+            new_fam.append(y[:, :fam_rows])
+            h = y[:, fam_rows:]
+            new_k.append(k)
+            new_v.append(v)
+        h = self.norm(h)
+
+        k_all = torch.cat((state.k, torch.stack(new_k, 1)), 3)
+        v_all = torch.cat((state.v, torch.stack(new_v, 1)), 3)
+        new = replace(state, k=k_all, v=v_all, n_tokens=state.n_tokens + T, n_block=state.n_block + T)
+        if completes:
+            new = self._complete_block(new, torch.stack(new_fam, 1) if fam_rows else None)
+        return new, h
+
+    def _complete_block(self, s: FamState, fam: Tensor | None) -> FamState:
+        """Swap in the updated feedback state and slide the window by one block."""
+        cfg = s.cfg
+        if fam is not None:
+            fk, fv = zip(*(layer.self_attn.kv(layer.input_layernorm(fam[:, li]))
+                           for li, layer in enumerate(self.layers)), strict=True)
+            s = replace(s, fam=fam, fam_k=torch.stack(fk, 1), fam_v=torch.stack(fv, 1),
+                        fam_fresh=torch.zeros_like(s.fam_fresh))
+        s = replace(s, n_block=0)
+        if not cfg.evicts:
+            return s
+        n = s.n_cached
+        sinks = min(cfg.n_sinks, n)
+        drop = max(0, n - sinks - cfg.memory_blocks * cfg.block_size)
+        if drop == 0:
+            return replace(s, n_sinks=sinks)
+        keep = torch.cat((torch.arange(sinks), torch.arange(sinks + drop, n))).to(s.k.device)
+        base = s.base if cfg.mode == "sink" else s.base + drop  # sink: positions are cache slots
+        return replace(s, k=s.k.index_select(3, keep), v=s.v.index_select(3, keep), base=base, n_sinks=sinks)
+
+    def ingest(self, state: FamState, tokens: Tensor) -> tuple[FamState, Tensor]:
+        """Any number of tokens [b, N], cut at block boundaries. Returns the new state and the final-normed
+        hidden state of the last token [b, d] (the input of the next-token logits)."""
+        assert tokens.shape[1] > 0, "ingest needs at least one token"
+        pos, last = 0, None
+        while pos < tokens.shape[1]:
+            n = min(state.cfg.block_size - state.n_block, tokens.shape[1] - pos)
+            state, h = self.forward_chunk(state, tokens[:, pos:pos + n])
+            last, pos = h[:, -1], pos + n
+        return state, last
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()
+
+
+def _mask(nf: int, S: int, T: int, block_start: int, fam_rows: int, device: torch.device) -> Tensor | None:
+    """Boolean mask [fam_rows + T, nf + S + T] (True = attend), per the table in the module docstring."""
+    if T == 1 and not fam_rows:
+        return None  # one token sees everything cached
+    chunk = torch.ones(T, nf + S + T, dtype=torch.bool, device=device)
+    chunk[:, nf + S:] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if not fam_rows:
+        return chunk
+    fam = torch.ones(fam_rows, nf + S + T, dtype=torch.bool, device=device)
+    fam[:, nf:nf + block_start] = False  # FAM queries never see the memory blocks (nor sinks)
+    return torch.cat((fam, chunk), 0)
