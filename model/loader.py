@@ -181,17 +181,31 @@ def build_rope(hf_config: Any, arch: ArchConfig) -> Rope:
     return Rope(inv, float(scaling))
 
 
-def load_module(folder: Path, fam: FamConfig, dtype: torch.dtype, device: torch.device,
-                tokenizer: Any) -> tuple[FamLM, Any]:
-    """Build FamLM from a Hugging Face folder. Returns the module and the HF config."""
+def read_config(folder: Path) -> tuple[Any, ArchConfig]:
+    """The HF config and our reading of it; unsupported architectures fail here, before any tensor is read."""
     try:
         hf_config = transformers.AutoConfig.from_pretrained(folder)
     except Exception as e:  # unknown model_type, bad JSON
         raise ModelLoadError(f"could not read {folder / 'config.json'}: {e}") from e
     try:
-        arch = ArchConfig.from_hf(hf_config)
+        return hf_config, ArchConfig.from_hf(hf_config)
     except ValueError as e:
         raise ModelLoadError(f"{folder}: {e}") from e
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # missing or unreadable tokenizer files
+        raise ModelLoadError(f"could not load the tokenizer from {folder}: {e}") from e
+
+
+def load_module(folder: Path, fam: FamConfig, dtype: torch.dtype, device: torch.device,
+                tokenizer: Any) -> tuple[FamLM, Any]:
+    """Build FamLM from a Hugging Face folder. Returns the module and the HF config."""
+    hf_config, arch = read_config(folder)
     rope = build_rope(hf_config, arch)
     with torch.device("meta"):
         module = FamLM(arch, fam, rope)

@@ -47,10 +47,9 @@ class FamRuntime:
              adapter: str | os.PathLike[str] | None = None) -> FamRuntime:
         """Load a checkpoint (see `model.loader`). `adapter` is a path to an adapter file, "auto" (the bundled
         adapter when loading the default model, else none) or None."""
-        from transformers import AutoTokenizer
-
         folder, name = loader.resolve_source(source)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        loader.read_config(folder)
+        tokenizer = loader.load_tokenizer(folder)
         adapter_obj = load_adapter(adapter, name) if adapter else None
         fam = fam or (adapter_obj.fam_config() if adapter_obj else FamConfig())
         module, hf_config = loader.load_module(folder, fam, loader.resolve_dtype(dtype),
@@ -135,7 +134,8 @@ class FamRuntime:
         if meta.get("format") != STATE_FORMAT:
             raise StateMismatchError(f"not a FAM state (format {meta.get('format')!r}, expected {STATE_FORMAT!r})")
         cfg = FamConfig(**json.loads(meta["fam_config"]))
-        saved, ours = json.loads(meta["fingerprint"]), self.state_fingerprint(cfg)
+        # Sessions may differ in mode; everything else must be this runtime's configuration.
+        saved, ours = json.loads(meta["fingerprint"]), self.state_fingerprint(self.fam_config.replace(mode=cfg.mode))
         diff = [f"{k}: saved {saved.get(k)!r}, this server {ours[k]!r}" for k in ours if saved.get(k) != ours[k]]
         if diff:
             raise StateMismatchError("state was saved under a different configuration: " + "; ".join(diff))

@@ -1,0 +1,196 @@
+"""FAM_SPEC's invariants on tiny random Llama and Qwen2 checkpoints, loaded through the real loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model import FamConfig, FamRuntime, FamState
+from model.fam import _mask
+from model.loader import load_module
+
+
+class _NoTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [1]
+
+
+def tiny(folder, **fam) -> torch.nn.Module:
+    module, _ = load_module(folder, FamConfig(**fam), torch.float32, torch.device("cpu"), _NoTokenizer())
+    return module
+
+
+def chunked_logits(m, state: FamState, ids: torch.Tensor, sizes: list[int]) -> tuple[FamState, torch.Tensor]:
+    """Ingest ids in the given chunk sizes (each cut further at block boundaries); all-position logits."""
+    out, pos = [], 0
+    for n in sizes:
+        while n:
+            t = min(n, state.cfg.block_size - state.n_block)
+            state, h = m.forward_chunk(state, ids[:, pos:pos + t])
+            out.append(m.logits(h))
+            pos, n = pos + t, n - t
+    return state, torch.cat(out, 1)
+
+
+def assert_states_equal(a: FamState, b: FamState, atol=1e-5):
+    assert a.layout() == b.layout()
+    for name in ("k", "v", "fam", "fam_k", "fam_v"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=atol, rtol=1e-4, msg=name)
+    assert torch.equal(a.base, b.base) and torch.equal(a.n_tokens, b.n_tokens) and torch.equal(a.fam_fresh, b.fam_fresh)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("fam", [dict(mode="full", block_size=64), dict(mode="bswa", block_size=512)])
+@torch.no_grad()
+def test_equals_hf_model(tiny_dirs, arch, fam):
+    """Invariant 1: full mode (any block size), or FAM off with one block covering the text, is the HF model."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)
+    m = tiny(tiny_dirs[arch], **fam)
+    ids = torch.randint(0, 211, (2, 300), generator=torch.Generator().manual_seed(1))
+    _, ours = chunked_logits(m, m.new_state(batch=2), ids, [300])
+    torch.testing.assert_close(ours, hf(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "full"])
+@torch.no_grad()
+def test_chunking_does_not_matter(tiny_dirs, arch, mode):
+    """Invariant 2: one call, random splits and token-by-token decode give the same state and logits."""
+    m = tiny(tiny_dirs[arch], mode=mode, block_size=16, memory_blocks=1, fam_len=4)
+    ids = torch.randint(0, 211, (1, 100), generator=torch.Generator().manual_seed(2))
+    s_one, l_one = chunked_logits(m, m.new_state(), ids, [100])
+    s_split, l_split = chunked_logits(m, m.new_state(), ids, [7, 30, 1, 45, 17])
+    s_tok, l_tok = chunked_logits(m, m.new_state(), ids, [1] * 100)
+    for s, logits in ((s_split, l_split), (s_tok, l_tok)):
+        assert_states_equal(s_one, s)
+        torch.testing.assert_close(logits, l_one, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["fam", "bswa"])
+@torch.no_grad()
+def test_shift_invariance(tiny_dirs, mode):
+    """Invariant 3: the same tokens at position 0 and 1,000,000 give the same outputs."""
+    m = tiny(tiny_dirs["llama"], mode=mode, block_size=16, memory_blocks=1, fam_len=4)
+    ids = torch.randint(0, 211, (1, 90), generator=torch.Generator().manual_seed(3))
+    s0, l0 = chunked_logits(m, m.new_state(position=0), ids, [90])
+    s1, l1 = chunked_logits(m, m.new_state(position=1_000_000), ids, [90])
+    torch.testing.assert_close(l1, l0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s1.fam, s0.fam, atol=1e-4, rtol=1e-4)
+    assert int(s1.base[0] - s0.base[0]) == 1_000_000
+
+
+@torch.no_grad()
+def test_no_peeking_inside_a_block(tiny_dirs):
+    """Invariant 4: a block token's output ignores later tokens of its block, including through the FAM update
+    computed in the same pass; the FAM update itself does read the whole block."""
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, 211, (1, 32), generator=g)  # two complete blocks: FAM state is non-trivial
+    state, _ = m.ingest(m.new_state(), prefix)
+    block = torch.randint(0, 211, (1, 16), generator=g)
+    changed = block.clone()
+    changed[0, 9:] = (changed[0, 9:] + 1) % 211
+    s_a, h_a = m.forward_chunk(state, block)  # completes the block: FAM rows are in this pass
+    s_b, h_b = m.forward_chunk(state, changed)
+    torch.testing.assert_close(h_a[:, :9], h_b[:, :9], atol=1e-6, rtol=0)
+    assert not torch.allclose(h_a[:, 9:], h_b[:, 9:])
+    assert not torch.allclose(s_a.fam, s_b.fam)  # the update saw the whole block
+
+
+def test_mask_table():
+    """The mask follows FAM_SPEC's table: FAM rows see FAM and the whole current block but no memory;
+    block tokens see FAM, memory and their block causally."""
+    nf, S, T, block_start = 2, 5, 3, 4  # 4 memory slots, 1 earlier slot of the current block, 3 new tokens
+    mask = _mask(nf, S, T, block_start, nf, torch.device("cpu")).int()
+    fam = [[1, 1, 0, 0, 0, 0, 1, 1, 1, 1]] * 2
+    toks = [[1, 1, 1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+    assert mask.tolist() == fam + toks
+
+
+@pytest.mark.parametrize("mode", ["fam", "bswa", "sink"])
+@torch.no_grad()
+def test_state_size_is_constant(tiny_dirs, mode):
+    """Invariant 5: 10x more text, same state bytes (compared at the same point of a block)."""
+    m = tiny(tiny_dirs["llama"], mode=mode, block_size=16, memory_blocks=2, fam_len=4)
+    ids = torch.randint(0, 211, (1, 1605), generator=torch.Generator().manual_seed(5))
+    short, _ = m.ingest(m.new_state(), ids[:, :165])
+    long, _ = m.ingest(m.new_state(), ids)
+    assert short.nbytes == long.nbytes
+    assert long.n_cached == m.fam_cfg.n_sinks + 2 * 16 + 5
+
+
+@torch.no_grad()
+def test_full_mode_grows_and_stops_at_context(tiny_dirs):
+    m = tiny(tiny_dirs["llama"], mode="full", block_size=256)
+    s, _ = m.ingest(m.new_state(), torch.zeros(1, 4000, dtype=torch.long))
+    assert s.n_cached == 4000
+    with pytest.raises(ValueError, match="context of 4096"):
+        m.ingest(s, torch.zeros(1, 200, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_batched_states_match_single(tiny_dirs):
+    """Sessions at different positions but equal layout run as one batch with the same results."""
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    g = torch.Generator().manual_seed(6)
+    a, _ = m.ingest(m.new_state(), torch.randint(0, 211, (1, 48), generator=g))
+    b, _ = m.ingest(m.new_state(), torch.randint(0, 211, (1, 80), generator=g))
+    nxt = torch.randint(0, 211, (2, 16), generator=g)
+    batch, hb = m.forward_chunk(FamState.stack([a, b]), nxt)
+    for i, s in enumerate((a, b)):
+        single, hs = m.forward_chunk(s, nxt[i:i + 1])
+        torch.testing.assert_close(hb[i:i + 1], hs, atol=1e-5, rtol=1e-4)
+        assert_states_equal(batch.split()[i], single)
+    with pytest.raises(ValueError, match="different cache layouts"):
+        FamState.stack([a, m.ingest(a, nxt[:1, :3])[0]])
+
+
+def test_gradient_reaches_prompt_through_blocks(tiny_dirs):
+    """Training path: the loss on block 3 back-propagates through the FAM updates of blocks 0-2 to P."""
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=8, memory_blocks=0, fam_len=4)
+    m.fam_prompt.requires_grad_(True)
+    ids = torch.randint(0, 211, (1, 32), generator=torch.Generator().manual_seed(7))
+    state = m.new_state()
+    for i in range(3):
+        state, _ = m.forward_chunk(state, ids[:, 8 * i:8 * i + 8])
+    _, h = m.forward_chunk(state, ids[:, 24:32])
+    m.logits(h).logsumexp(-1).sum().backward()
+    assert m.fam_prompt.grad is not None and m.fam_prompt.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_memory_is_only_reachable_through_fam(tiny_dirs):
+    """With m = 0 a token far back can only influence the present through the feedback state: in fam mode
+    it does, in bswa mode it cannot."""
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 211, (1, 64), generator=g)
+    other = ids.clone()
+    other[0, 3] = (other[0, 3] + 1) % 211  # a token in block 0 of 4
+    for mode, expect_change in (("fam", True), ("bswa", False)):
+        m = tiny(tiny_dirs["llama"], mode=mode, block_size=16, memory_blocks=0, fam_len=4)
+        _, la = m.ingest(m.new_state(), ids)
+        _, lb = m.ingest(m.new_state(), other)
+        assert (not torch.allclose(la, lb, atol=1e-6)) == expect_change, mode
+
+
+@torch.no_grad()
+def test_runtime_roundtrip_and_mismatch(tiny_chat_dir):
+    """Save -> load -> continue equals never saving; another configuration refuses the state by name."""
+    rt = FamRuntime.load(tiny_chat_dir, fam=FamConfig(block_size=16, memory_blocks=1, fam_len=4), dtype="float32")
+    ids = rt.encode("The quick brown fox jumps over the lazy dog. " * 6)
+    state, _ = rt.ingest(rt.new_state(), ids)
+    restored, _ = rt.state_from_bytes(rt.state_to_bytes(state))
+    assert_states_equal(state, restored, atol=0)
+    _, la = rt.ingest(state, ids[:5])
+    _, lb = rt.ingest(restored, ids[:5])
+    assert torch.equal(la, lb)
+
+    other = FamRuntime.load(tiny_chat_dir, fam=FamConfig(block_size=32, memory_blocks=1, fam_len=4), dtype="float32")
+    with pytest.raises(ValueError, match="block_size: saved 16, this server 32"):
+        other.state_from_bytes(rt.state_to_bytes(state))
+    bf16 = FamRuntime.load(tiny_chat_dir, fam=FamConfig(block_size=16, memory_blocks=1, fam_len=4), dtype="bfloat16")
+    with pytest.raises(ValueError, match="dtype"):
+        bf16.state_from_bytes(rt.state_to_bytes(state))
+    with pytest.raises(ValueError, match="not a FAM state"):
+        rt.state_from_bytes(b"\x00" * 4 + b"garbage")

