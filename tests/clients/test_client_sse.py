@@ -103,12 +103,14 @@ def test_named_error_event_keeps_its_type() -> None:
 
 def test_byte_order_mark_is_dropped_from_the_first_line_only() -> None:
     assert events("\ufeffdata: a\n\n") == [ServerSentEvent("a")]
-    assert events("data: a\n\n\ufeffdata: b\n\n") == [ServerSentEvent("a")]  # "\ufeffdata" is an unknown field
+    # later, "\ufeffdata" is just an unknown field name
+    assert events("data: a\n\n\ufeffdata: b\n\n") == [ServerSentEvent("a")]
 
 
 def test_decode_line_accepts_pre_split_lines_with_or_without_endings() -> None:
     decoder = SSEDecoder()
-    results = [decoder.decode_line(line) for line in [b"data: a\r\n", "data: b", "", ": ping\n", "data: c\n", b"\n"]]
+    lines = [b"data: a\r\n", "data: b", "", ": ping\n", "data: c\n", b"\n"]
+    results = [decoder.decode_line(line) for line in lines]
     assert results == [None, None, ServerSentEvent("a\nb"), None, None, ServerSentEvent("c")]
 
 
