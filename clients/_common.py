@@ -18,7 +18,7 @@ import httpx
 from clients.errors import APIConnectionError, APITimeoutError, ProtocolError, error_from_body
 from clients.retry import UNSENT_ERRORS, Retry
 from clients.sse import ServerSentEvent
-from clients.types import IngestProgress, Sampling, Session, Usage, parse
+from clients.types import IngestProgress, Sampling, Session, parse
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 # Generous read timeout: a non-streaming completion sends nothing until the whole answer is generated.
@@ -171,23 +171,3 @@ def ingest_event(payload: Mapping[str, Any], progress: ProgressCallback | None) 
     if kind == "session":
         return parse(Session.from_dict, payload, "session")
     return None
-
-
-class GenerationStream:
-    """What streaming text results share: turning chunks into text pieces while keeping the finish reason
-    and the usage (sent by the server in a last chunk with no choices)."""
-
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.finish_reason: str | None = None
-
-    def _piece(self, chunk: Mapping[str, Any]) -> str:
-        if chunk.get("usage"):
-            self.usage = parse(Usage.from_dict, chunk["usage"], "usage")
-        choices = chunk.get("choices") or []
-        if not choices:
-            return ""
-        choice = choices[0]
-        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-        return text or ""

@@ -27,8 +27,9 @@ import httpx
 from tqdm import tqdm
 
 from clients._common import ingest_content_type
-from clients.client import Client, TextStream
+from clients.client import Client
 from clients.errors import APIConnectionError, FamError
+from clients.streams import TextStream
 from clients.types import IngestProgress, Sampling, Session
 
 EXIT_OK = 0

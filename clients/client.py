@@ -35,7 +35,6 @@ from clients._common import (
     DEFAULT_TIMEOUT,
     Call,
     ClientBase,
-    GenerationStream,
     ProgressCallback,
     create_session_call,
     event_payload,
@@ -49,6 +48,7 @@ from clients._common import (
 from clients.errors import ProtocolError, error_from_response
 from clients.retry import Retry, delay_before_retry
 from clients.sse import aiter_sse, iter_sse
+from clients.streams import AsyncTextStream, TextStream
 from clients.types import Completion, Model, Sampling, Session, parse
 
 Messages = Sequence[Mapping[str, Any]]
@@ -80,68 +80,6 @@ def _ingest_result(session: Session | None) -> Session:
     if session is None:
         raise ProtocolError("ingest stream ended without the final session object")
     return session
-
-
-class TextStream(GenerationStream):
-    """The text pieces of a streaming completion, in order, as the server generates them.
-
-    Iterate it once. When iteration ends, ``usage`` (token counts) and ``finish_reason`` are set. Use it as a
-    context manager, or call :meth:`close`, to drop the connection when stopping early.
-    """
-
-    def __init__(self, response: httpx.Response, payloads: Iterator[dict[str, Any]]) -> None:
-        super().__init__()
-        self._response = response
-        self._pieces = self._generate(payloads)
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
-
-    def _generate(self, payloads: Iterator[dict[str, Any]]) -> Iterator[str]:
-        try:
-            for payload in payloads:
-                if piece := self._piece(payload):
-                    yield piece
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._response.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncTextStream(GenerationStream):
-    """The asynchronous :class:`TextStream`: ``async for piece in stream``, then ``stream.usage``."""
-
-    def __init__(self, response: httpx.Response, payloads: AsyncIterator[dict[str, Any]]) -> None:
-        super().__init__()
-        self._response = response
-        self._pieces = self._generate(payloads)
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._pieces
-
-    async def _generate(self, payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-        try:
-            async for payload in payloads:
-                if piece := self._piece(payload):
-                    yield piece
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
 
 class Client(ClientBase):

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from clients import errors
-from clients.client import AsyncClient, AsyncTextStream
+from clients.client import AsyncClient
+from clients.streams import AsyncTextStream
 from clients.types import IngestProgress, Usage
 
 T = TypeVar("T")

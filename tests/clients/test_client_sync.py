@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from clients import errors
-from clients.client import Client, TextStream
+from clients.client import Client
+from clients.streams import TextStream
 from clients.types import Completion, IngestProgress, Session, Usage
 
 ANSWER = "Paris is the capital."
