@@ -1,0 +1,85 @@
+"""The FastAPI application: `create_app(settings, runtime=None)`.
+
+Without a runtime the model loads in a background thread once the server is up, so `/health` answers 503
+`{"status": "loading"}` until it is ready; tests pass a loaded runtime and get a ready app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from model import FamRuntime
+from server import errors
+from server.engine import Engine
+from server.metrics import LatencyMiddleware, Metrics
+from server.middleware import AuthMiddleware, BodyLimitMiddleware
+from server.routes import completions, sessions, system
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_runtime(settings: Settings) -> FamRuntime:
+    """The model as the settings ask for it. Explicit FAM settings override the adapter's / model's own; the
+    layout is fixed when the model is built, so overriding it means building the model a second time."""
+    kw = dict(source=settings.model, dtype=settings.dtype, device=settings.device, adapter=settings.adapter)
+    rt = FamRuntime.load(**kw)
+    overrides = settings.fam_overrides()
+    if overrides and rt.fam_config.replace(**overrides) != rt.fam_config:
+        rt = FamRuntime.load(**kw, fam=rt.fam_config.replace(**overrides))
+    return rt
+
+
+def create_app(settings: Settings | None = None, runtime: FamRuntime | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    async def start_engine(app: FastAPI) -> None:
+        try:
+            rt = runtime or await asyncio.to_thread(load_runtime, settings)
+            engine = await asyncio.to_thread(Engine, rt, settings.engine_config())
+        except Exception as e:  # anything the loader raises: /health reports it, /v1 answers 503 with it
+            log.exception("the model failed to load")
+            app.state.load_error = f"{type(e).__name__}: {e}"
+            return
+        engine.start()
+        app.state.engine = engine
+        log.info("model %s ready (%s, %s)", rt.name, rt.fam_config, rt.dtype)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(start_engine(app))
+        if runtime is not None:
+            await loading  # already loaded: only the engine to start
+        try:
+            yield
+        finally:
+            if not loading.done():
+                await loading  # a load thread cannot be interrupted; let it finish, then stop cleanly
+            if app.state.engine is not None:
+                await app.state.engine.stop()
+
+    app = FastAPI(title="fam-server", version="0.1.0", lifespan=lifespan)
+    app.state.engine = None
+    app.state.load_error = None
+    app.state.started = int(time.time())
+    app.state.settings = settings
+    app.state.metrics = Metrics(lambda: app.state.engine)
+
+    errors.install(app)
+    app.include_router(system.router)
+    app.include_router(sessions.router)
+    app.include_router(completions.router)
+    if system.STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=system.STATIC_DIR), name="static")
+    # the last added middleware runs first: latency around everything, then auth, then the body limit
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_keys=settings.api_key_list)
+    app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,10 @@
+"""The inference engine: sessions, their snapshots, documents, and the model worker that schedules work across
+sessions. No HTTP here: the server package adapts this interface to routes (see `server.app`)."""
+
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.errors import EngineError
+from server.engine.jobs import Failed, Finished, GenerationResult, IngestJob, Job, Progress, TextDelta
+
+__all__ = ["Engine", "EngineConfig", "EngineError", "Failed", "Finished", "GenerationResult", "IngestJob", "Job",
+           "Progress", "TextDelta"]

@@ -1,0 +1,24 @@
+"""The engine's configuration: limits, storage and scheduling knobs (built from `server.settings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    data_dir: Path  # snapshots live in data_dir/sessions
+    secret: bytes  # HMAC-SHA256 key that signs every snapshot (on disk and exported)
+    default_mode: str | None = None  # mode of new sessions and of session-less requests; None = the model's
+    max_sessions: int = 1000  # resident + spilled
+    max_queue: int = 64  # unfinished jobs (running or waiting) before new work is refused
+    max_tokens: int = 4096  # cap on one request's max_tokens
+    max_pdf_pages: int = 2000
+    memory_budget_bytes: int = 2 * 2**30  # sum of resident states' nbytes; idle sessions above it spill to disk
+    checkpoint_seconds: float = 60.0  # a long ingest saves its session at least this often
+    # Each turn of the round robin runs one job for at least one unit (a block, or a token) and at most this
+    # long, so a decoding request gets several tokens in the time an ingest spends on one block.
+    time_slice_seconds: float = 0.05
+    max_idempotency_keys: int = 256  # remembered per session (oldest forgotten first)
+    queue_retry_after: int = 2  # seconds, sent with queue_full

@@ -1,0 +1,180 @@
+"""Documents to token ids: text extraction (plain text, markdown, PDF) and chunked tokenisation.
+
+A document is a list of pages (one page for text files); its text is the pages joined by PAGE_SEPARATOR.
+Tokenisation is incremental (a page at a time, in chunks of bounded size) and exact: the ids are those of
+tokenising the whole text in one call. A chunk is cut only just before a space that follows a non-space
+character; byte-level BPE pre-tokenisers (GPT-2, Llama 3, Qwen2) never join those two characters in one
+pre-token, and their regex reads forwards only, so the text after the cut tokenises the same on its own.
+`chunking_is_exact` checks this for the loaded tokenizer at startup (SentencePiece tokenizers that prepend a
+space to every call fail it); where it fails, the document is tokenised in one call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from server.engine.errors import DocumentTooLarge, InvalidRequest, PdfEncrypted, PdfInvalid, PdfNoText
+
+log = logging.getLogger(__name__)
+
+PAGE_SEPARATOR = "\n\n"
+CHUNK_CHARS = 64 * 1024  # text handed to the tokenizer per call (about 15k tokens)
+PDF_TYPES = ("application/pdf", "application/x-pdf")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown")
+PROBE_TEXT = "Alpha  beta, gamma.\n\nDelta\tepsilon 12 345 6789 x  y.\n- item one\n- item two (3.14)  end "
+
+Encode = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class Document:
+    pages: list[str]
+    kind: str  # "text" or "pdf"
+
+
+@dataclass(frozen=True)
+class TokenizedDocument:
+    ids: list[int]
+    page_ends: list[int]  # page_ends[i]: tokens emitted once page i was read (pages_done <-> tokens_done)
+
+    @property
+    def digest(self) -> str:
+        """Identifies the content (not its encoding on the wire): a repeated Idempotency-Key is checked
+        against it."""
+        return hashlib.sha256(array("l", self.ids).tobytes()).hexdigest()
+
+    def pages_done(self, tokens_done: int) -> int:
+        return sum(1 for end in self.page_ends if end <= tokens_done)
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+
+
+def extract(data: bytes, content_type: str | None, filename: str | None, max_pages: int) -> Document:
+    """Bytes of an uploaded file -> pages. PDF when the type, the name or the content says so; else UTF-8 text."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    name = (filename or "").lower()
+    if ctype in PDF_TYPES or name.endswith(".pdf") or data.startswith(b"%PDF-"):
+        return extract_pdf(data, max_pages)
+    if ctype.startswith("text/") or name.endswith(TEXT_SUFFIXES) or ctype in ("", "application/octet-stream"):
+        return text_document(decode_text(data))
+    raise InvalidRequest(f"unsupported file type {ctype!r}: send a PDF, plain text or markdown", param="file")
+
+
+def decode_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"the file is not UTF-8 text (byte {e.start}: {e.reason})", param="file") from e
+
+
+def text_document(text: str) -> Document:
+    if not text.strip():
+        raise InvalidRequest("the text is empty", param="text")
+    return Document(pages=[text], kind="text")
+
+
+def extract_pdf(data: bytes, max_pages: int) -> Document:
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not _decrypt_without_password(reader):
+            raise PdfEncrypted("the PDF is encrypted (password-protected); send an unencrypted copy")
+        n = len(reader.pages)
+    except PdfEncrypted:
+        raise
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as e:
+        # pypdf reports damaged files through many exception types; all mean "not a readable PDF" here
+        raise PdfInvalid(f"not a readable PDF ({type(e).__name__}: {e})") from e
+    if n > max_pages:
+        raise DocumentTooLarge(f"the PDF has {n} pages; this server accepts at most {max_pages}")
+    pages = []
+    for i, page in enumerate(reader.pages):
+        try:
+            pages.append(page.extract_text() or "")
+        except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as e:
+            raise PdfInvalid(f"page {i + 1} of the PDF is damaged ({type(e).__name__}: {e})") from e
+    if not any(p.strip() for p in pages):
+        raise PdfNoText(f"the PDF ({n} pages) has no extractable text (scanned images need OCR first)")
+    return Document(pages=pages, kind="pdf")
+
+
+def _decrypt_without_password(reader) -> bool:
+    """Many PDFs are encrypted with an empty user password (owner restrictions only): those open."""
+    from pypdf.errors import DependencyError, PdfReadError
+
+    try:
+        return bool(reader.decrypt(""))
+    except (DependencyError, PdfReadError, NotImplementedError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ tokenisation
+
+
+def safe_cut(text: str) -> int:
+    """The last index i > 0 with text[i] == " " and text[i - 1] not whitespace (0 when there is none)."""
+    i = text.rfind(" ")
+    while i > 0:
+        if not text[i - 1].isspace():
+            return i
+        i = text.rfind(" ", 0, i)
+    return 0
+
+
+class IncrementalTokenizer:
+    """Feed text in pieces, get the ids of the whole text: the tail after the last safe cut is held back
+    until more text (or `flush`) arrives."""
+
+    def __init__(self, encode: Encode, chunk_chars: int = CHUNK_CHARS, exact_chunks: bool = True):
+        self._encode, self._chunk, self._exact = encode, chunk_chars, exact_chunks
+        self._buf: list[str] = []
+        self._len = 0
+
+    def feed(self, text: str) -> list[int]:
+        self._buf.append(text)
+        self._len += len(text)
+        if not self._exact or self._len < self._chunk:
+            return []
+        buf = "".join(self._buf)
+        cut = safe_cut(buf)
+        if cut == 0:
+            self._buf = [buf]
+            return []
+        self._buf, self._len = [buf[cut:]], len(buf) - cut
+        return self._encode(buf[:cut])
+
+    def flush(self) -> list[int]:
+        buf, self._buf, self._len = "".join(self._buf), [], 0
+        return self._encode(buf) if buf else []
+
+
+def tokenize_pages(pages: Iterable[str], encode: Encode, chunk_chars: int = CHUNK_CHARS,
+                   exact_chunks: bool = True) -> TokenizedDocument:
+    inc = IncrementalTokenizer(encode, chunk_chars, exact_chunks)
+    ids: list[int] = []
+    page_ends: list[int] = []
+    for i, page in enumerate(pages):
+        ids += inc.feed(page if i == 0 else PAGE_SEPARATOR + page)
+        page_ends.append(len(ids))
+    ids += inc.flush()
+    if page_ends:
+        page_ends[-1] = len(ids)
+    return TokenizedDocument(ids=ids, page_ends=page_ends)
+
+
+def chunking_is_exact(encode: Encode, text: str = PROBE_TEXT) -> bool:
+    """Whether cutting at every safe point of `text` reproduces the one-call tokenisation."""
+    whole = encode(text)
+    cuts = [i for i in range(1, len(text)) if text[i] == " " and not text[i - 1].isspace()]
+    ok = all(encode(text[:c]) + encode(text[c:]) == whole for c in cuts)
+    if not ok:
+        log.warning("this tokenizer does not split exactly at spaces: documents are tokenised in one call")
+    return ok

@@ -1,0 +1,77 @@
+"""Server test fixtures: the tiny chat model loaded once with a small block size (so block logic runs on short
+texts), apps built over it in-process, and helpers to read SSE bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from model import FamConfig, FamRuntime
+from server.app import create_app
+from server.settings import Settings
+
+TINY_FAM = FamConfig(block_size=16, memory_blocks=1, fam_len=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(tiny_chat_dir: Path) -> FamRuntime:
+    return FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, tiny_runtime: FamRuntime) -> Iterator[Callable[..., TestClient]]:
+    """make_client(runtime=None, **settings) -> a started TestClient over a fresh app (same data dir unless
+    `data_dir` is given). Every client is shut down at the end of the test."""
+    started: list[TestClient] = []
+
+    def make(runtime: FamRuntime | None = None, **overrides: Any) -> TestClient:
+        settings = Settings(**{"data_dir": tmp_path / "data", "secret": "test-secret", **overrides})
+        client = TestClient(create_app(settings, runtime or tiny_runtime))
+        client.__enter__()
+        started.append(client)
+        return client
+
+    yield make
+    for client in started:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+def sse_events(text: str) -> list[Any]:
+    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" stays a string)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.fixture
+def events() -> Callable[[str], list[Any]]:
+    return sse_events
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    """The response is an error in OpenAI's shape with this status and code; returns the error object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"], body
+    return body["error"]
+
+
+@pytest.fixture
+def error() -> Callable[..., dict[str, Any]]:
+    return assert_error
