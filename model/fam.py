@@ -128,7 +128,7 @@ class FamLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # P: F embeddings at the embedding level (FAM_SPEC "Initial state"); set by init_fam_prompt or an adapter.
         self.fam_prompt = nn.Parameter(torch.zeros(fam.fam_len, arch.hidden_size))
-        self._fam0: tuple[Tensor, Tensor, Tensor] | None = None  # inference cache of the initial state
+        self._fam0: Tensor | None = None  # inference cache of the initial state
 
     # ----------------------------------------------------------------------------------------------
     # initial state
@@ -144,47 +144,59 @@ class FamLM(nn.Module):
         """Call after changing weights (adapter merge, training step) outside autograd."""
         self._fam0 = None
 
-    def initial_fam(self) -> tuple[Tensor, Tensor, Tensor]:
+    def initial_fam(self) -> Tensor:
         """Run P alone through all layers with bidirectional attention among its F rows.
 
-        Returns the activation entering each layer, F_{-1}^l [L, F, d], and its keys/values [L, KV, F, hd].
-        Under autograd it is recomputed (P and LoRA change every step); otherwise it is computed once.
+        Returns the activation entering each layer, F_{-1}^l [L, F, d]. Under autograd it is recomputed (P and
+        LoRA change every step); otherwise it is computed once.
         """
         if self._fam0 is not None and not torch.is_grad_enabled():
             return self._fam0
         n = self.fam_cfg.fam_len
         h = self.fam_prompt.to(self.embed_tokens.weight.dtype)[None]  # [1, F, d]
         cos, sin = self.rope.cos_sin(torch.arange(n, device=h.device)[None], h.dtype)
-        ins, ks, vs = [], [], []
+        ins = []
         for layer in self.layers:
+            ins.append(h[0])
             xn = layer.input_layernorm(h)
             k, v = layer.self_attn.kv(xn)
-            ins.append(h[0])
-            ks.append(k[0])
-            vs.append(v[0])
             q = Rope.apply(layer.self_attn.q(xn), cos, sin)
             h = layer.finish(h, layer.self_attn.attend(q, Rope.apply(k, cos, sin), v, None))
-        out = (torch.stack(ins), torch.stack(ks), torch.stack(vs))
+        out = torch.stack(ins)
         if not torch.is_grad_enabled():
             self._fam0 = out
         return out
 
-    def new_state(self, batch: int = 1, mode: str | None = None, position: int = 0) -> FamState:
-        """An empty document. `position` is the RoPE position of its first token (the tests shift it)."""
+    def new_state(self, batch: int = 1, mode: str | None = None, position: int | Tensor = 0) -> FamState:
+        """An empty document. `position` (scalar or [batch]) is the RoPE position of its first token: the tests
+        shift it, training draws it per row (Random Position Offset); sink mode ignores it."""
         cfg = self.fam_cfg if mode is None else self.fam_cfg.replace(mode=mode)
         a, dev, dt = self.arch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
-        empty_kv = torch.zeros(batch, a.num_layers, a.num_kv_heads, 0, a.head_dim, device=dev, dtype=dt)
+        base = torch.zeros(batch, dtype=torch.int64, device=dev)
+        if cfg.mode != "sink":
+            base = base + torch.as_tensor(position, dtype=torch.int64, device=dev)
         if cfg.F:
-            fam, fk, fv = (t[None].expand(batch, *t.shape) for t in self.initial_fam())
+            fam = self.initial_fam()[None].expand(batch, -1, -1, -1)
         else:
             fam = torch.zeros(batch, a.num_layers, 0, a.hidden_size, device=dev, dtype=dt)
-            fk = fv = empty_kv
-        return FamState(
-            cfg=cfg, k=empty_kv, v=empty_kv, fam=fam, fam_k=fk, fam_v=fv,
-            fam_fresh=torch.ones(batch, dtype=torch.bool, device=dev),
-            base=torch.full((batch,), 0 if cfg.mode == "sink" else position, dtype=torch.int64, device=dev),
-            n_tokens=torch.zeros(batch, dtype=torch.int64, device=dev), n_block=0, n_sinks=0,
-        )
+        empty = tuple(torch.zeros(batch, a.num_kv_heads, 0, a.head_dim, device=dev, dtype=dt)
+                      for _ in range(a.num_layers))
+        state = FamState(cfg=cfg, k=empty, v=empty, fam=fam, fam_fresh=torch.ones(batch, dtype=torch.bool, device=dev),
+                         base=base, n_tokens=torch.zeros(batch, dtype=torch.int64, device=dev), n_block=0, n_sinks=0)
+        return self.with_fam(state, fam, state.fam_fresh) if cfg.F else state
+
+    def with_fam(self, state: FamState, fam: Tensor, fresh: Tensor) -> FamState:
+        """Replace the feedback state read by the current block (and its keys/values, rotated to the F positions
+        before the block). Random State Passing uses it to start a document from a carried state."""
+        nf = state.cfg.F
+        pos = state.base[:, None] + state.block_start - nf + torch.arange(nf, device=fam.device)
+        cos, sin = self.rope.cos_sin(pos, fam.dtype)
+        ks, vs = [], []
+        for li, layer in enumerate(self.layers):
+            fk, fv = layer.self_attn.kv(layer.input_layernorm(fam[:, li]))
+            ks.append(torch.cat((Rope.apply(fk, cos, sin), state.k[li][:, :, nf:]), 2))
+            vs.append(torch.cat((fv, state.v[li][:, :, nf:]), 2))
+        return replace(state, k=tuple(ks), v=tuple(vs), fam=fam, fam_fresh=fresh)
 
     # ----------------------------------------------------------------------------------------------
     # the forward
@@ -204,17 +216,14 @@ class FamLM(nn.Module):
         completes = state.n_block + T == B
         nf = cfg.F
         fam_rows = nf if completes else 0  # feedback rows join the queries when this chunk completes the block
-        block_start = S - state.n_block  # cache slot where the current block begins
         dev = tokens.device
 
-        # Positions: cached slot j sits at base + j; the feedback rows take the F positions before the block.
-        slot_pos = state.base[:, None] + torch.arange(S + T, device=dev)
-        fam_pos = state.base[:, None] + block_start - nf + torch.arange(nf, device=dev)
+        # Query positions: the feedback rows take the F positions before the block; new token t sits at slot S + t.
+        new_pos = state.base[:, None] + S + torch.arange(T, device=dev)
+        fam_pos = state.base[:, None] + state.block_start - fam_rows + torch.arange(fam_rows, device=dev)
         dt = self.embed_tokens.weight.dtype
-        cos_k, sin_k = self.rope.cos_sin(torch.cat((fam_pos, slot_pos), 1), dt)
-        q_pos = torch.cat((fam_pos[:, :fam_rows], slot_pos[:, S:]), 1)
-        cos_q, sin_q = self.rope.cos_sin(q_pos, dt)
-        mask = _mask(nf, S, T, block_start, fam_rows, dev)
+        cos, sin = self.rope.cos_sin(torch.cat((fam_pos, new_pos), 1), dt)
+        mask = _mask(nf, S, T, state.block_start, fam_rows, dev)
 
         h = self.embed_tokens(tokens)  # [b, T, d]
         keep = (~state.fam_fresh).to(dt)[:, None, None]  # zero residual for the first update of a fresh state
@@ -222,50 +231,43 @@ class FamLM(nn.Module):
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             fam_in = state.fam[:, li]
-            x = torch.cat((fam_in, h), 1) if fam_rows else h  # [b, fam_rows + T, d]
+            x = torch.cat((fam_in, h), 1) if fam_rows else h  # one projection over [F_prev ; X]
             xn = layer.input_layernorm(x)
-            k, v = attn.kv(xn)
-            if fam_rows:  # one projection over [F_prev ; X]; F_prev's keys are the state's fam_k
-                fk, fv, k, v = k[:, :, :nf], v[:, :, :nf], k[:, :, nf:], v[:, :, nf:]
-            else:
-                fk, fv = state.fam_k[:, li], state.fam_v[:, li]
-            keys = Rope.apply(torch.cat((fk, state.k[:, li], k), 2), cos_k, sin_k)
-            vals = torch.cat((fv, state.v[:, li], v), 2)
-            q = Rope.apply(attn.q(xn), cos_q, sin_q)
+            q = Rope.apply(attn.q(xn), cos, sin)
+            k, v = attn.kv(xn[:, fam_rows:])  # the feedback rows' own keys are already in the state
+            keys = torch.cat((state.k[li], Rope.apply(k, cos[:, :, fam_rows:], sin[:, :, fam_rows:])), 2)
+            vals = torch.cat((state.v[li], v), 2)
             resid = torch.cat((fam_in * keep, h), 1) if fam_rows else h
             y = layer.finish(resid, attn.attend(q, keys, vals, mask))
             new_fam.append(y[:, :fam_rows])
             h = y[:, fam_rows:]
-            new_k.append(k)
-            new_v.append(v)
+            new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
+            new_v.append(vals)
         h = self.norm(h)
 
-        k_all = torch.cat((state.k, torch.stack(new_k, 1)), 3)
-        v_all = torch.cat((state.v, torch.stack(new_v, 1)), 3)
-        new = replace(state, k=k_all, v=v_all, n_tokens=state.n_tokens + T, n_block=state.n_block + T)
+        new = replace(state, k=tuple(new_k), v=tuple(new_v), n_tokens=state.n_tokens + T, n_block=state.n_block + T)
         if completes:
             new = self._complete_block(new, torch.stack(new_fam, 1) if fam_rows else None)
         return new, h
 
     def _complete_block(self, s: FamState, fam: Tensor | None) -> FamState:
-        """Swap in the updated feedback state and slide the window by one block."""
-        cfg = s.cfg
-        if fam is not None:
-            fk, fv = zip(*(layer.self_attn.kv(layer.input_layernorm(fam[:, li]))
-                           for li, layer in enumerate(self.layers)), strict=True)
-            s = replace(s, fam=fam, fam_k=torch.stack(fk, 1), fam_v=torch.stack(fv, 1),
-                        fam_fresh=torch.zeros_like(s.fam_fresh))
-        s = replace(s, n_block=0)
-        if not cfg.evicts:
-            return s
+        """Slide the window by one block and swap in the updated feedback state."""
+        cfg, nf = s.cfg, s.cfg.F
         n = s.n_cached
         sinks = min(cfg.n_sinks, n)
-        drop = max(0, n - sinks - cfg.memory_blocks * cfg.block_size)
-        if drop == 0:
-            return replace(s, n_sinks=sinks)
-        keep = torch.cat((torch.arange(sinks), torch.arange(sinks + drop, n))).to(s.k.device)
-        base = s.base if cfg.mode == "sink" else s.base + drop  # sink: positions are cache slots
-        return replace(s, k=s.k.index_select(3, keep), v=s.v.index_select(3, keep), base=base, n_sinks=sinks)
+        drop = max(0, n - sinks - cfg.memory_blocks * cfg.block_size) if cfg.evicts else 0
+        k, v, base = s.k, s.v, s.base
+        if drop:
+            keep = torch.cat((torch.arange(nf + sinks), torch.arange(nf + sinks + drop, nf + n))).to(base.device)
+            k = tuple(t.index_select(2, keep) for t in k)
+            v = tuple(t.index_select(2, keep) for t in v)
+            if cfg.mode == "sink":  # positions are cache slots: the kept memory moves `drop` positions down
+                cos, sin = self.rope.cos_sin(torch.full_like(base, -drop)[:, None], k[0].dtype)
+                k = tuple(torch.cat((t[:, :, :nf + sinks], Rope.apply(t[:, :, nf + sinks:], cos, sin)), 2) for t in k)
+            else:
+                base = base + drop
+        s = replace(s, k=k, v=v, base=base, n_block=0, n_sinks=sinks)
+        return self.with_fam(s, fam, torch.zeros_like(s.fam_fresh)) if fam is not None else s
 
     def ingest(self, state: FamState, tokens: Tensor) -> tuple[FamState, Tensor]:
         """Any number of tokens [b, N], cut at block boundaries. Returns the new state and the final-normed

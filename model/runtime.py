@@ -121,7 +121,7 @@ class FamRuntime:
                 "dtype": str(self.dtype).removeprefix("torch."), **cfg.describe()}
 
     def state_to_bytes(self, state: FamState, extra: dict[str, str] | None = None) -> bytes:
-        tensors = {"k": state.k, "v": state.v, "fam": state.fam, "fam_k": state.fam_k, "fam_v": state.fam_v,
+        tensors = {"k": torch.stack(state.k, 1), "v": torch.stack(state.v, 1), "fam": state.fam,
                    "fam_fresh": state.fam_fresh.to(torch.uint8), "base": state.base, "n_tokens": state.n_tokens}
         meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.state_fingerprint(state.cfg), sort_keys=True),
                 "fam_config": json.dumps(state.cfg.__dict__), "n_block": str(state.n_block),
@@ -140,7 +140,7 @@ class FamRuntime:
         if diff:
             raise StateMismatchError("state was saved under a different configuration: " + "; ".join(diff))
         t = {k: v.to(self.device) for k, v in st_load(data).items()}
-        state = FamState(cfg=cfg, k=t["k"], v=t["v"], fam=t["fam"], fam_k=t["fam_k"], fam_v=t["fam_v"],
+        state = FamState(cfg=cfg, k=t["k"].unbind(1), v=t["v"].unbind(1), fam=t["fam"],
                          fam_fresh=t["fam_fresh"].bool(), base=t["base"], n_tokens=t["n_tokens"],
                          n_block=int(meta["n_block"]), n_sinks=int(meta["n_sinks"]))
         return state, meta

@@ -10,7 +10,8 @@ may sit at different document positions. `stack` / `split` convert between sessi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,11 +22,12 @@ from model.config import FamConfig
 @dataclass(frozen=True)
 class FamState:
     cfg: FamConfig  # mode, B, m, F: the state's layout and meaning follow from it
-    k: Tensor  # [b, L, kv_heads, S, head_dim]  keys of the S cached slots, before RoPE (rotated when read)
-    v: Tensor  # [b, L, kv_heads, S, head_dim]
+    # Per layer l: k[l], v[l] are [b, kv_heads, F + S, head_dim]: first the keys/values of the F feedback rows
+    # that the current block reads, then the S cached slots. Keys are stored with RoPE applied (cache slot j at
+    # position base + j; the feedback rows at the F positions before the current block).
+    k: tuple[Tensor, ...]
+    v: tuple[Tensor, ...]
     fam: Tensor  # [b, L, F, d]  feedback state entering each layer for the current block (F = 0: empty)
-    fam_k: Tensor  # [b, L, kv_heads, F, head_dim]  its keys (derived from `fam`, kept to make decode cheap)
-    fam_v: Tensor  # [b, L, kv_heads, F, head_dim]
     fam_fresh: Tensor  # [b] bool: `fam` is the learned initial state -> its first update uses a zero residual
     base: Tensor  # [b] int64: RoPE position of cache slot 0 (always 0 in sink mode: positions re-based)
     n_tokens: Tensor  # [b] int64: document tokens ingested so far
@@ -34,11 +36,16 @@ class FamState:
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[0]
+        return self.fam.shape[0]
 
     @property
     def n_cached(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2] - self.cfg.F
+
+    @property
+    def block_start(self) -> int:
+        """Cache slot where the current block begins."""
+        return self.n_cached - self.n_block
 
     @property
     def nbytes(self) -> int:
@@ -46,16 +53,19 @@ class FamState:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self) -> list[Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        return [*self.k, *self.v, self.fam, self.fam_fresh, self.base, self.n_tokens]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> FamState:
+        """Apply fn to every tensor (device moves, detach, row selection)."""
+        return replace(self, k=tuple(fn(t) for t in self.k), v=tuple(fn(t) for t in self.v), fam=fn(self.fam),
+                       fam_fresh=fn(self.fam_fresh), base=fn(self.base), n_tokens=fn(self.n_tokens))
 
     def to(self, device: torch.device | str) -> FamState:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return self.map(lambda t: t.to(device))
 
     def detach(self) -> FamState:
         """Cut the autograd history (Random State Passing keeps a state across training steps)."""
-        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return self.map(Tensor.detach)
 
     def layout(self) -> tuple[FamConfig, int, int, int]:
         """States with equal layouts can be stacked into one batch."""
@@ -66,14 +76,17 @@ class FamState:
         layouts = {s.layout() for s in states}
         if len(layouts) != 1:
             raise ValueError(f"cannot batch states with different cache layouts: {layouts}")
-        first = states[0]
-        cat = {f.name: torch.cat([getattr(s, f.name) for s in states])
-               for f in fields(first) if isinstance(getattr(first, f.name), Tensor)}
-        return replace(first, **cat)
+        cat = torch.cat
+        return replace(
+            states[0],
+            k=tuple(cat([s.k[li] for s in states]) for li in range(len(states[0].k))),
+            v=tuple(cat([s.v[li] for s in states]) for li in range(len(states[0].v))),
+            fam=cat([s.fam for s in states]), fam_fresh=cat([s.fam_fresh for s in states]),
+            base=cat([s.base for s in states]), n_tokens=cat([s.n_tokens for s in states]),
+        )
 
     def split(self) -> list[FamState]:
         return [self.select(i) for i in range(self.batch_size)]
 
     def select(self, i: int) -> FamState:
-        return replace(self, **{f.name: getattr(self, f.name)[i:i + 1] for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return self.map(lambda t: t[i:i + 1])

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F_
@@ -42,20 +42,17 @@ def rope_theta(module: FamLM) -> float:
 def start_state(module: FamLM, batch: int, carried: Carried | None, p_carry: float, rpo: bool,
                 gen: torch.Generator) -> FamState:
     """A fresh batch of documents for one training step, with RSP and RPO drawn per row from `gen`."""
-    state = module.new_state(batch=batch)
     use = torch.rand(batch, generator=gen) < p_carry
-    if carried is not None and state.cfg.F and bool(use.any()):
-        use_d = use.to(state.fam.device)
-        fam = torch.where(use_d[:, None, None, None], carried.fam.to(state.fam)[None], state.fam)
-        # keys/values of the carried vectors under the current weights (they change every step)
-        fk, fv = zip(*(layer.self_attn.kv(layer.input_layernorm(fam[:, li]))
-                       for li, layer in enumerate(module.layers)), strict=True)
-        state = replace(state, fam=fam, fam_k=torch.stack(fk, 1), fam_v=torch.stack(fv, 1),
-                        fam_fresh=state.fam_fresh & ~use_d)
+    position = torch.zeros(batch, dtype=torch.int64)
     if rpo:
         shift = torch.rand(batch, generator=gen, dtype=torch.float64) * 2 * math.pi * rope_theta(module)
         on = torch.rand(batch, generator=gen) < 0.5
-        state = replace(state, base=state.base + torch.where(on, shift, 0).long().to(state.base.device))
+        position = torch.where(on, shift, 0).long()
+    state = module.new_state(batch=batch, position=position)
+    if carried is not None and state.cfg.F and bool(use.any()):
+        use_d = use.to(state.fam.device)
+        fam = torch.where(use_d[:, None, None, None], carried.fam.to(state.fam)[None], state.fam)
+        state = module.with_fam(state, fam, state.fam_fresh & ~use_d)
     return state
 
 
