@@ -119,41 +119,51 @@ def _decrypt_without_password(reader) -> bool:
 # ------------------------------------------------------------------------------------------------ tokenisation
 
 
-def safe_cut(text: str) -> int:
-    """The last index i > 0 with text[i] == " " and text[i - 1] not whitespace (0 when there is none)."""
-    i = text.rfind(" ")
-    while i > 0:
+def safe_cut(text: str, lo: int = 0, hi: int | None = None) -> int:
+    """The last index i in (lo, hi] with text[i] == " " and text[i - 1] not whitespace; -1 if there is none."""
+    i = text.rfind(" ", lo + 1, len(text) if hi is None else hi + 1)
+    while i > lo:
         if not text[i - 1].isspace():
             return i
-        i = text.rfind(" ", 0, i)
-    return 0
+        i = text.rfind(" ", lo + 1, i)
+    return -1
+
+
+def next_safe_cut(text: str, start: int) -> int:
+    """The first safe cut at or after `start`; -1 if there is none."""
+    i = text.find(" ", max(start, 1))
+    while i != -1 and text[i - 1].isspace():
+        i = text.find(" ", i + 1)
+    return i
 
 
 class IncrementalTokenizer:
-    """Feed text in pieces, get the ids of the whole text: the tail after the last safe cut is held back
-    until more text (or `flush`) arrives."""
+    """Feed text in pieces, get the ids of the whole text. Whenever `chunk_chars` characters are waiting, the
+    text up to the last safe cut within them (or the first one after) is tokenised; the rest waits for more
+    text or `flush`."""
 
     def __init__(self, encode: Encode, chunk_chars: int = CHUNK_CHARS, exact_chunks: bool = True):
         self._encode, self._chunk, self._exact = encode, chunk_chars, exact_chunks
-        self._buf: list[str] = []
-        self._len = 0
+        self._buf = ""
+        self._pos = 0  # start of the text not yet tokenised
 
     def feed(self, text: str) -> list[int]:
-        self._buf.append(text)
-        self._len += len(text)
-        if not self._exact or self._len < self._chunk:
-            return []
-        buf = "".join(self._buf)
-        cut = safe_cut(buf)
-        if cut == 0:
-            self._buf = [buf]
-            return []
-        self._buf, self._len = [buf[cut:]], len(buf) - cut
-        return self._encode(buf[:cut])
+        self._buf, self._pos = self._buf[self._pos:] + text, 0
+        ids: list[int] = []
+        while self._exact and len(self._buf) - self._pos >= self._chunk:
+            start = self._pos
+            cut = safe_cut(self._buf, start, start + self._chunk)
+            if cut == -1:
+                cut = next_safe_cut(self._buf, start + self._chunk)
+            if cut == -1:
+                break
+            ids += self._encode(self._buf[start:cut])
+            self._pos = cut
+        return ids
 
     def flush(self) -> list[int]:
-        buf, self._buf, self._len = "".join(self._buf), [], 0
-        return self._encode(buf) if buf else []
+        rest, self._buf, self._pos = self._buf[self._pos:], "", 0
+        return self._encode(rest) if rest else []
 
 
 def tokenize_pages(pages: Iterable[str], encode: Encode, chunk_chars: int = CHUNK_CHARS,

@@ -137,7 +137,8 @@ class Job:
 
 
 class IngestJob(Job):
-    """Append a tokenized document to a session, one block per step.
+    """Append a tokenized document to a session, one block per step. Progress counts the document's tokens
+    (the few tokens that open a user turn before it are not part of them).
 
     With an Idempotency-Key the session remembers the key, the document's digest and how much of it is in
     (updated with every commit and saved with the session). A repeat of a completed key gets the stored
@@ -195,7 +196,7 @@ class IngestJob(Job):
         if self.key:
             s.idempotency[self.key]["doc_tokens_done"] = doc_done
         done = self.pos == len(self.seq)
-        self.post(Progress(tokens_done=self.doc_base + self.pos, tokens_total=self.doc_base + len(self.seq),
+        self.post(Progress(tokens_done=doc_done, tokens_total=len(self.doc.ids),
                            pages_done=self.doc.pages_done(doc_done), pages_total=len(self.doc.page_ends)))
         if done:
             s.turn = Turn.USER

@@ -75,3 +75,39 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 @pytest.fixture
 def error() -> Callable[..., dict[str, Any]]:
     return assert_error
+
+
+def pdf_bytes(pages: list[str]) -> bytes:
+    """A PDF with one page per string (fpdf2); an empty string makes a blank page."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=11)
+    for text in pages:
+        pdf.add_page()
+        if text:
+            pdf.multi_cell(0, 6, text)
+    return bytes(pdf.output())
+
+
+def encrypted_pdf_bytes(data: bytes, user_password: str) -> bytes:
+    """`data` encrypted with RC4-128 (pypdf needs no extra package for it)."""
+    import io
+
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(data)))
+    writer.encrypt(user_password=user_password, owner_password="owner", algorithm="RC4-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+@pytest.fixture
+def make_pdf() -> Callable[[list[str]], bytes]:
+    return pdf_bytes
+
+
+@pytest.fixture
+def encrypt_pdf() -> Callable[[bytes, str], bytes]:
+    return encrypted_pdf_bytes
