@@ -95,7 +95,7 @@ def validation_error(exc: RequestValidationError) -> tuple[str, str, str | None,
     """Pydantic's errors -> invalid_body (not JSON, or not an object) or invalid_value (a field is wrong)."""
     errors = list(exc.errors())
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(p) for p in first.get("loc", ())]
+    loc = [str(p) for p in first.get("loc", ()) if not _union_member(str(p))]
     loc = loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc
     kind, msg = first.get("type", ""), first.get("msg", "")
     if kind == "json_invalid":
@@ -105,6 +105,11 @@ def validation_error(exc: RequestValidationError) -> tuple[str, str, str | None,
     param = ".".join(loc) or None
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return "invalid_value", f"{param}: {msg}{more}" if param else f"{msg}{more}", param, {}
+
+
+def _union_member(part: str) -> bool:
+    """Pydantic names the member of a union that failed ("str", "list[int]") in the error location."""
+    return "[" in part or part in ("str", "int", "float", "bool") or part.startswith("function-")
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
