@@ -11,6 +11,7 @@ space to every call fail it); where it fails, the document is tokenised in one c
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import logging
@@ -40,7 +41,7 @@ class Document:
 @dataclass(frozen=True)
 class TokenizedDocument:
     ids: list[int]
-    page_ends: list[int]  # page_ends[i]: tokens emitted once page i was read (pages_done <-> tokens_done)
+    page_ends: list[int]  # page_ends[i]: tokens up to the end of page i (for pages_done in progress)
 
     @property
     def digest(self) -> str:
@@ -140,12 +141,13 @@ def next_safe_cut(text: str, start: int) -> int:
 class IncrementalTokenizer:
     """Feed text in pieces, get the ids of the whole text. Whenever `chunk_chars` characters are waiting, the
     text up to the last safe cut within them (or the first one after) is tokenised; the rest waits for more
-    text or `flush`."""
+    text or `flush`. `marks` records (characters, tokens) after every tokenizer call."""
 
     def __init__(self, encode: Encode, chunk_chars: int = CHUNK_CHARS, exact_chunks: bool = True):
         self._encode, self._chunk, self._exact = encode, chunk_chars, exact_chunks
         self._buf = ""
         self._pos = 0  # start of the text not yet tokenised
+        self.marks: list[tuple[int, int]] = [(0, 0)]
 
     def feed(self, text: str) -> list[int]:
         self._buf, self._pos = self._buf[self._pos:] + text, 0
@@ -157,27 +159,46 @@ class IncrementalTokenizer:
                 cut = next_safe_cut(self._buf, start + self._chunk)
             if cut == -1:
                 break
-            ids += self._encode(self._buf[start:cut])
+            ids += self._encoded(self._buf[start:cut])
             self._pos = cut
         return ids
 
     def flush(self) -> list[int]:
         rest, self._buf, self._pos = self._buf[self._pos:], "", 0
-        return self._encode(rest) if rest else []
+        return self._encoded(rest) if rest else []
+
+    def _encoded(self, text: str) -> list[int]:
+        ids = self._encode(text)
+        chars, tokens = self.marks[-1]
+        self.marks.append((chars + len(text), tokens + len(ids)))
+        return ids
 
 
 def tokenize_pages(pages: Iterable[str], encode: Encode, chunk_chars: int = CHUNK_CHARS,
                    exact_chunks: bool = True) -> TokenizedDocument:
+    """Page ends in tokens are interpolated (by characters) inside the tokenizer call that covered them."""
     inc = IncrementalTokenizer(encode, chunk_chars, exact_chunks)
     ids: list[int] = []
-    page_ends: list[int] = []
+    char_ends: list[int] = []
+    chars = 0
     for i, page in enumerate(pages):
-        ids += inc.feed(page if i == 0 else PAGE_SEPARATOR + page)
-        page_ends.append(len(ids))
+        piece = page if i == 0 else PAGE_SEPARATOR + page
+        ids += inc.feed(piece)
+        chars += len(piece)
+        char_ends.append(chars)
     ids += inc.flush()
-    if page_ends:
-        page_ends[-1] = len(ids)
-    return TokenizedDocument(ids=ids, page_ends=page_ends)
+    return TokenizedDocument(ids=ids, page_ends=[_tokens_at(inc.marks, c) for c in char_ends])
+
+
+def _tokens_at(marks: list[tuple[int, int]], chars: int) -> int:
+    i = bisect.bisect_left(marks, (chars, -1))
+    if i == len(marks):
+        return marks[-1][1]
+    c1, t1 = marks[i]
+    if c1 == chars or i == 0:
+        return t1
+    c0, t0 = marks[i - 1]
+    return t0 + (t1 - t0) * (chars - c0) // (c1 - c0)
 
 
 def chunking_is_exact(encode: Encode, text: str = PROBE_TEXT) -> bool:

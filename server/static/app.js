@@ -259,12 +259,13 @@ function pickFile(file) {
 }
 
 // The rate is measured from the first progress event, so upload and text extraction time do not lower it.
-function showProgress(event, first) {
+// Pages are shown for PDFs only (the server counts a text file as one page).
+function showProgress(event, first, pdf) {
   const progress = $("progress");
   progress.max = Math.max(event.tokens_total, 1);
   progress.value = event.tokens_done;
   const parts = [`${number(event.tokens_done)} / ${number(event.tokens_total)} tokens`];
-  if (event.pages_total) parts.push(`page ${number(event.pages_done)} / ${number(event.pages_total)}`);
+  if (pdf && event.pages_total) parts.push(`page ${number(event.pages_done)} / ${number(event.pages_total)}`);
   const seconds = (performance.now() - first.time) / 1000;
   const done = event.tokens_done - first.tokens;
   if (done > 0 && seconds > 0) {
@@ -306,17 +307,17 @@ async function ingest(intoNew) {
     for await (const event of apiEvents(response)) {
       if (event.object === "ingest.progress") {
         first = first || { time: performance.now(), tokens: event.tokens_done };
-        showProgress(event, first);
+        showProgress(event, first, /\.pdf$/i.test(file.name));
       } else if (event.object === "session") {
         session = event;
       }
     }
     const seconds = (performance.now() - started) / 1000;
+    await refreshSessions();
+    selectSession(session);
     $("progress").value = $("progress").max;
     $("progress-text").textContent =
       `Done: ${number(session.tokens)} tokens in session ${session.id} (${duration(seconds)}).`;
-    await refreshSessions();
-    selectSession(session);
     $("question").focus();
   } catch (err) {
     $("progress-text").textContent = "Reading stopped.";

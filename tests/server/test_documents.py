@@ -45,11 +45,14 @@ def test_small_chunks_really_cut_the_text(encode):
     assert max(len(c) for c in calls if " " in c[1:]) < 400  # bounded, except where no space allows a cut
 
 
-def test_pages_done_follows_tokens(encode):
-    doc = tokenize_pages(["one two three", "four five", "six"], encode, chunk_chars=1)
-    assert doc.pages_done(0) == 0
-    assert doc.pages_done(doc.page_ends[0]) == 1
-    assert doc.pages_done(len(doc.ids)) == 3
+@pytest.mark.parametrize("chunk_chars", [1, 10**6])
+def test_page_ends_in_tokens(encode, chunk_chars):
+    pages = ["one two three four five six seven", "eight nine", "ten eleven twelve"]
+    doc = tokenize_pages(pages, encode, chunk_chars=chunk_chars)
+    exact = [len(encode(PAGE_SEPARATOR.join(pages[:i + 1]))) for i in range(3)]
+    assert doc.page_ends[-1] == exact[-1] == len(doc.ids)
+    assert all(abs(a - b) <= 2 for a, b in zip(doc.page_ends, exact, strict=True))  # interpolated in one call
+    assert doc.pages_done(0) == 0 and doc.pages_done(exact[0] + 2) >= 1 and doc.pages_done(len(doc.ids)) == 3
 
 
 def test_safe_cut():
