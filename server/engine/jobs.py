@@ -238,9 +238,11 @@ class GenerateJob(Job):
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         params = self.params
-        room = eng.check_context(state, len(prompt) + 1)  # +1: the state must also take the last sampled token
-        if room is not None and room < params.max_tokens:
-            params = replace(params, max_tokens=room)  # full mode: the answer stops at the model's context
+        left = eng.check_context(state, len(prompt) + 1)  # full mode: the prompt and at least one answer token
+        if left is not None and left + 1 < params.max_tokens:
+            # the answer stops at the model's context (its last token, or the end-of-turn token after an earlier
+            # one, is ingested only by a commit: at most max_tokens tokens follow the prompt)
+            params = replace(params, max_tokens=left + 1)
         self.gen = Generation(eng.rt, state, prompt, params)
 
     def step(self, eng: Engine) -> None:

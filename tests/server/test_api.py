@@ -282,6 +282,17 @@ def test_long_prompt_without_session_is_accepted(make_client, wide_block_runtime
     assert r.json()["usage"]["prompt_tokens"] >= 100_000
 
 
+def test_full_mode_answers_up_to_the_context(make_client, wide_block_runtime, error):
+    client = make_client(runtime=wide_block_runtime, mode="full")
+    ctx = wide_block_runtime.module.arch.max_position_embeddings
+    word = client.post("/tokenize", json={"text": " word"}).json()["tokens"]
+    r = client.post("/v1/completions", json={"prompt": word * (ctx - 2), "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2 and r.json()["choices"][0]["finish_reason"] == "length"
+    error(client.post("/v1/completions", json={"prompt": word * ctx, "max_tokens": 1}), 400,
+          "context_length_exceeded")
+
+
 def test_max_tokens_cap(make_client, error):
     client = make_client(max_tokens=8)
     error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 9}), 400, "invalid_value")
