@@ -3,11 +3,15 @@
 The worker loop is schedule -> execute -> commit:
 
     schedule  run the quick calls that arrived (create, delete, import, job submissions), then take the next
-              ready job, round robin. A job is ready when it is at the head of its session's queue (reading
-              jobs leave the queue once they hold their copy of the state) or has no session.
+              ready job. A job is ready when it is at the head of its session's queue (reading jobs leave the
+              queue once they hold their copy of the state) or has no session. Interactive jobs (generation,
+              fork, export) go first: after each slice of bulk work (ingest), every interactive job that was
+              waiting gets a slice; ingests share the rest round robin. So a question waits for at most one
+              ingest block, however many sessions are ingesting, and every ingest still advances each round.
     execute   `job.step()` for one time slice: at least one unit (one block of an ingest or a prompt, or one
-              sampled token), more units while the slice lasts (so a decoder gets several tokens in the time
-              an ingest spends on one block).
+              sampled token), more units while the slice lasts. An interactive slice lasts as long as the
+              last bulk slice took (at least `time_slice_seconds`): a question's prompt and first tokens fit
+              in one slice, and interactive and bulk work alternate with equal time.
     commit    the job commits into its session (an ingest after every block, a committed generation at its
               end) and saves the snapshot when an operation completes; then the job goes to the back of the
               ready queue, or retires and hands its session to the next job in line.
@@ -83,7 +87,10 @@ class Engine:
         self._inbox: deque[Job | _Call] = deque()  # from the event loop to the worker (under _cv)
         self._unfinished = 0  # submitted jobs not yet retired (under _cv)
         self._stopping = False
-        self._ready: deque[Job] = deque()  # worker thread only
+        self._ready: deque[Job] = deque()  # interactive jobs, round robin (worker thread only)
+        self._bulk: deque[Job] = deque()  # ingests, round robin (worker thread only)
+        self._owed = 0  # interactive slices due before the next bulk slice
+        self._bulk_seconds = 0.0  # how long the last bulk slice took
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -269,7 +276,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._inbox or self._ready or self._stopping):
+                    while not (self._inbox or self._ready or self._bulk or self._stopping):
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -277,8 +284,9 @@ class Engine:
                     self._inbox.clear()
                 for item in inbox:
                     self._accept(item)
-                if self._ready:
-                    self._slice(self._ready.popleft())
+                job = self._next_job()
+                if job is not None:
+                    self._slice(job)
                 self.store.enforce_budget()
             self._shut_down()
 
@@ -295,14 +303,27 @@ class Engine:
                 item.future.set_exception(EngineFailure(f"{type(e).__name__}: {e}"))
             return
         if item.session is None:
-            self._ready.append(item)
+            self._make_ready(item)
             return
         item.session.queue.append(item)
         if len(item.session.queue) == 1:
-            self._ready.append(item)
+            self._make_ready(item)
+
+    def _make_ready(self, job: Job) -> None:
+        (self._bulk if job.bulk else self._ready).append(job)
+
+    def _next_job(self) -> Job | None:
+        if self._ready and (self._owed > 0 or not self._bulk):
+            self._owed -= 1
+            return self._ready.popleft()
+        if self._bulk:
+            self._owed = len(self._ready)
+            return self._bulk.popleft()
+        return None
 
     def _slice(self, job: Job) -> None:
-        deadline = time.monotonic() + self.config.time_slice_seconds
+        start = time.monotonic()
+        deadline = start + max(self.config.time_slice_seconds, 0.0 if job.bulk else self._bulk_seconds)
         try:
             if job.cancelled:
                 raise Cancelled("the request was cancelled")
@@ -323,10 +344,12 @@ class Engine:
         except Exception as e:  # a model exception: this request fails, the worker and other sessions go on
             log.exception("job failed")
             self._end_with_error(job, EngineFailure(f"{type(e).__name__}: {e}"))
+        if job.bulk:
+            self._bulk_seconds = time.monotonic() - start
         if job.finished:
             self._retire(job)
         else:
-            self._ready.append(job)
+            self._make_ready(job)
 
     def _end_with_error(self, job: Job, error: EngineError) -> None:
         try:
@@ -340,7 +363,7 @@ class Engine:
         if q and q[0] is job:
             q.popleft()
             if q:
-                self._ready.append(q[0])
+                self._make_ready(q[0])
 
     def _retire(self, job: Job) -> None:
         self._release(job)
@@ -357,7 +380,9 @@ class Engine:
                 item.future.set_exception(gone)
             else:
                 item.stop(self, gone, save=False)
-        waiting = [j for s in self.store.all() for j in s.queue if j not in self._ready]
-        for job in [*self._ready, *waiting]:
+        ready = [*self._ready, *self._bulk]
+        waiting = [j for s in self.store.all() for j in s.queue if j not in ready]
+        for job in [*ready, *waiting]:
             self._end_with_error(job, gone)
         self._ready.clear()
+        self._bulk.clear()

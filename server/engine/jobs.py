@@ -70,6 +70,7 @@ class GenerationResult:
 
 class Job:
     mutating = False
+    bulk = False  # long background work (ingest): scheduled after interactive jobs
 
     def __init__(self, session: Session | None):
         self.session = session
@@ -147,6 +148,7 @@ class IngestJob(Job):
     """
 
     mutating = True
+    bulk = True
 
     def __init__(self, session: Session, doc: TokenizedDocument, key: str | None):
         super().__init__(session)
