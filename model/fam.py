@@ -226,7 +226,8 @@ class FamLM(nn.Module):
         mask = _mask(nf, S, T, state.block_start, fam_rows, dev)
 
         h = self.embed_tokens(tokens)  # [b, T, d]
-        keep = (~state.fam_fresh).to(dt)[:, None, None]  # zero residual for the first update of a fresh state
+        # the first update of a fresh state may use a zero residual (FamConfig.zero_first_residual)
+        keep = (~(state.fam_fresh & cfg.zero_first_residual)).to(dt)[:, None, None]
         new_k, new_v, new_fam = [], [], []
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn

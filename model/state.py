@@ -28,7 +28,7 @@ class FamState:
     k: tuple[Tensor, ...]
     v: tuple[Tensor, ...]
     fam: Tensor  # [b, L, F, d]  feedback state entering each layer for the current block (F = 0: empty)
-    fam_fresh: Tensor  # [b] bool: `fam` is the learned initial state -> its first update uses a zero residual
+    fam_fresh: Tensor  # [b] bool: `fam` is the learned initial state (see FamConfig.zero_first_residual)
     base: Tensor  # [b] int64: RoPE position of cache slot 0 (always 0 in sink mode: positions re-based)
     n_tokens: Tensor  # [b] int64: document tokens ingested so far
     n_block: int  # tokens in the current, not yet complete block (the last n_block cache slots)

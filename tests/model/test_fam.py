@@ -196,3 +196,19 @@ def test_runtime_roundtrip_and_mismatch(tiny_chat_dir):
         bf16.state_from_bytes(rt.state_to_bytes(state))
     with pytest.raises(ValueError, match="not a FAM state"):
         rt.state_from_bytes(b"\x00" * 4 + b"garbage")
+
+
+@torch.no_grad()
+def test_zero_first_residual_only_changes_the_first_update(tiny_dirs):
+    """The paper's zero residual applies to the update from the learned initial state and to no later one."""
+    ids = torch.randint(0, 211, (1, 32), generator=torch.Generator().manual_seed(9))
+    paper = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4, zero_first_residual=True)
+    ours = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    sp, _ = paper.forward_chunk(paper.new_state(), ids[:, :16])
+    so, _ = ours.forward_chunk(ours.new_state(), ids[:, :16])
+    assert not torch.allclose(sp.fam, so.fam)
+    assert not sp.fam_fresh.any() and not so.fam_fresh.any()
+    sp = paper.with_fam(sp, so.fam, so.fam_fresh)  # same feedback state, no longer fresh: the models agree
+    _, hp = paper.forward_chunk(sp, ids[:, 16:])
+    _, ho = ours.forward_chunk(so, ids[:, 16:])
+    torch.testing.assert_close(hp, ho)
