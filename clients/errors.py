@@ -131,6 +131,14 @@ _BY_CODE: dict[str, type[FamError]] = {
     "queue_full": RateLimitError,
     "server_error": ServerError,
     "model_loading": ServiceUnavailableError,
+    # the rest of the server's codes, so that an error inside a stream (no HTTP status) gets the same class
+    "context_length_exceeded": BadRequestError,
+    "idempotency_key_reused": BadRequestError,
+    "unsupported_media_type": BadRequestError,
+    "not_found": NotFoundError,
+    "method_not_allowed": BadRequestError,
+    "too_many_sessions": RateLimitError,
+    "shutting_down": ServiceUnavailableError,
 }
 
 _BY_STATUS: dict[int, type[FamError]] = {
