@@ -369,6 +369,7 @@ class Engine:
         self._release(job)
         with self._cv:
             self._unfinished -= 1
+        job.publish_end()
 
     def _shut_down(self) -> None:
         with self._cv:
@@ -380,9 +381,11 @@ class Engine:
                 item.future.set_exception(gone)
             else:
                 item.stop(self, gone, save=False)
+                item.publish_end()
         ready = [*self._ready, *self._bulk]
         waiting = [j for s in self.store.all() for j in s.queue if j not in ready]
         for job in [*ready, *waiting]:
             self._end_with_error(job, gone)
+            job.publish_end()
         self._ready.clear()
         self._bulk.clear()

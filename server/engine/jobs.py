@@ -75,6 +75,7 @@ class Job:
     def __init__(self, session: Session | None):
         self.session = session
         self.started = self.finished = False
+        self._final: Finished | Failed | None = None
         self.cancelled = False  # set by the event loop; the worker stops the job at the next unit
         self.submitted = time.monotonic()
         self._loop = asyncio.get_running_loop()
@@ -106,8 +107,13 @@ class Job:
             pass
 
     def _end(self, event: Finished | Failed) -> None:
+        """The worker publishes the final event once it has retired the job (`publish_end`), so a client that
+        reacts to it at once never finds its own job still counted against the queue limit."""
         self.finished = True
-        self.post(event)
+        self._final = event
+
+    def publish_end(self) -> None:
+        self.post(self._final)
 
     def _session_state(self, eng: Engine) -> FamState:
         s = self.session

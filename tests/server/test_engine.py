@@ -20,6 +20,7 @@ from server.engine.errors import (
     IdempotencyKeyReused,
     QueueFull,
     SessionNotFound,
+    ShuttingDown,
 )
 
 BLOCK = 16
@@ -283,3 +284,22 @@ def test_deleting_a_session_stops_its_ingest(tmp_path, tiny_runtime):
 
     assert run(main()) == []  # the snapshot is gone too: a restart does not bring it back
     assert not list((tmp_path / "sessions").glob("*.snap"))
+
+
+def test_shutdown_ends_running_and_waiting_jobs_and_saves(tmp_path, tiny_runtime):
+    async def main():
+        eng = await started(Engine(tiny_runtime, config(tmp_path)))
+        sid = (await eng.create_session("", None, {}))["id"]
+        running = eng.ingest("", sid, doc_of(words(200 * BLOCK, tiny_runtime)), None)
+        waiting = eng.ingest("", sid, doc_of(words(BLOCK, tiny_runtime)), None)
+        await anext(running.events())
+        await eng.stop()
+        outcomes = await asyncio.gather(running.result(), waiting.result(), return_exceptions=True)
+        again = await started(Engine(tiny_runtime, config(tmp_path)))
+        tokens = again.get_session("", sid)["tokens"]
+        await again.stop()
+        return outcomes, tokens
+
+    outcomes, tokens = run(main())
+    assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
+    assert 0 < tokens < 200 * BLOCK and tokens % BLOCK == 0  # saved at the last committed block
