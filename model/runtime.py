@@ -44,14 +44,16 @@ class FamRuntime:
     @classmethod
     def load(cls, source: str | os.PathLike[str] | None = None, *, fam: FamConfig | None = None,
              dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-             adapter: str | os.PathLike[str] | None = None) -> FamRuntime:
+             adapter: str | os.PathLike[str] | None = None, fam_overrides: dict[str, Any] | None = None
+             ) -> FamRuntime:
         """Load a checkpoint (see `model.loader`). `adapter` is a path to an adapter file, "auto" (the bundled
-        adapter when loading the default model, else none) or None."""
+        adapter when loading the default model, else none) or None. The FAM layout is `fam`, else the adapter's,
+        else the defaults, with `fam_overrides` (e.g. {"block_size": 512}) applied on top."""
         folder, name = loader.resolve_source(source)
         loader.read_config(folder)
         tokenizer = loader.load_tokenizer(folder)
         adapter_obj = load_adapter(adapter, name) if adapter else None
-        fam = fam or (adapter_obj.fam_config() if adapter_obj else FamConfig())
+        fam = (fam or (adapter_obj.fam_config() if adapter_obj else FamConfig())).replace(**(fam_overrides or {}))
         module, hf_config = loader.load_module(folder, fam, loader.resolve_dtype(dtype),
                                                loader.resolve_device(device), tokenizer)
         rt = cls(module, tokenizer, name, folder, hf_config)

@@ -27,14 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def load_runtime(settings: Settings) -> FamRuntime:
-    """The model as the settings ask for it. Explicit FAM settings override the adapter's / model's own; the
-    layout is fixed when the model is built, so overriding it means building the model a second time."""
-    kw = dict(source=settings.model, dtype=settings.dtype, device=settings.device, adapter=settings.adapter)
-    rt = FamRuntime.load(**kw)
-    overrides = settings.fam_overrides()
-    if overrides and rt.fam_config.replace(**overrides) != rt.fam_config:
-        rt = FamRuntime.load(**kw, fam=rt.fam_config.replace(**overrides))
-    return rt
+    """The model as the settings ask for it. Explicit FAM settings override the adapter's / model's own."""
+    return FamRuntime.load(source=settings.model, dtype=settings.dtype, device=settings.device,
+                           adapter=settings.adapter, fam_overrides=settings.fam_overrides())
 
 
 def create_app(settings: Settings | None = None, runtime: FamRuntime | None = None) -> FastAPI:
