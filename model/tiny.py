@@ -27,18 +27,19 @@ VOCAB = 12 + N_FILLER
 
 @dataclass(frozen=True)
 class TinySetup:
-    layers: int = 4
-    width: int = 128
+    layers: int = 2
+    width: int = 64
     heads: int = 4
-    block_size: int = 32
+    block_size: int = 16
     memory_blocks: int = 1
-    fam_len: int = 8
-    key_len: int = 5
-    train_blocks: int = 8  # training sequence length, in blocks
+    fam_len: int = 4
+    key_len: int = 3
+    train_blocks: int = 6  # training sequence length, in blocks
     batch: int = 32
-    steps: int = 1500
-    lr: float = 1e-3
+    steps: int = 800
+    lr: float = 3e-3
     p_carry: float = 0.8
+    rsp_warmup: int = 0  # steps without Random State Passing first (from scratch, RSP at once learns far slower)
     seed: int = 0
 
 
@@ -83,7 +84,8 @@ def train(s: TinySetup, mode: str, log: Callable[[dict], None] | None = None) ->
     t0 = time.time()
     for step in range(s.steps):
         tokens, weights = make_batch(s, s.train_blocks * s.block_size, s.batch, gen)
-        state = start_state(module, s.batch, carried, s.p_carry, rpo=True, gen=gen)
+        p_carry = s.p_carry if step >= s.rsp_warmup else 0.0
+        state = start_state(module, s.batch, carried, p_carry, rpo=True, gen=gen)
         state, loss, correct = sequence_loss(module, state, tokens, weights, use_checkpoint=False)
         carried = carried_state(state)
         opt.zero_grad(set_to_none=True)

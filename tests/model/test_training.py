@@ -1,0 +1,169 @@
+"""Training path: BPTT through blocks, checkpointing, RSP/RPO, data layout, adapter export, and (slow) the tiny
+PassKey experiment where FAM must beat BSWA far past the window."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.tiny import TinySetup, build_model, passkey_accuracy, train
+from model.train import Carried, carried_state, sequence_loss, start_state
+
+SETUP = replace(TinySetup(), memory_blocks=0)
+
+
+def _grad_of_early_token(mode: str) -> float:
+    module = build_model(SETUP, mode)
+    tokens = torch.randint(12, 32, (1, 3 * SETUP.block_size), generator=torch.Generator().manual_seed(0))
+    tokens[0, 3] = 5  # the only digit, in block 0
+    weights = torch.zeros(tokens.shape)
+    weights[0, -8:-1] = 1  # loss in the last block only
+    _, loss, _ = sequence_loss(module, module.new_state(), tokens, weights)
+    loss.backward()
+    return module.embed_tokens.weight.grad[5].norm().item()
+
+
+def test_gradient_reaches_past_the_window_only_through_fam():
+    """m = 0: the last block's loss depends on block 0 through the feedback state alone."""
+    assert _grad_of_early_token("fam") > 1e-6
+    assert _grad_of_early_token("bswa") == 0.0
+
+
+@pytest.mark.parametrize("mode", ["fam", "bswa"])
+def test_checkpointing_changes_nothing(mode):
+    module = build_model(replace(SETUP, memory_blocks=1), mode)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 32, (2, 2 * SETUP.block_size + 5), generator=gen)
+    weights = torch.rand(tokens.shape, generator=gen)
+    results = []
+    for use in (False, True):
+        module.zero_grad(set_to_none=True)
+        state, loss, correct = sequence_loss(module, module.new_state(batch=2), tokens, weights, use_checkpoint=use)
+        (loss + state.fam.sum()).backward()  # the final state stays on the graph (RSP reads it)
+        results.append((loss.item(), correct.item(), {n: p.grad.clone() for n, p in module.named_parameters()
+                                                       if p.grad is not None}))
+    (l0, c0, g0), (l1, c1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-5) and c0 == c1
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-4, atol=1e-6)
+
+
+def test_loss_equals_teacher_forced_cross_entropy():
+    """Block by block (3 blocks in full mode) equals one pass over the whole sequence (same weights)."""
+    blocks = build_model(replace(SETUP, block_size=16), "full")
+    whole = build_model(replace(SETUP, block_size=64), "full")
+    tokens = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(2))
+    _, loss, _ = sequence_loss(blocks, blocks.new_state(), tokens, torch.ones(tokens.shape))
+    _, h = whole.forward_chunk(whole.new_state(), tokens)
+    ref = torch.nn.functional.cross_entropy(whole.logits(h)[0, :-1], tokens[0, 1:], reduction="sum")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_random_state_passing_and_position_offset():
+    module = build_model(SETUP, "fam")
+    carried = carried_state(module.new_state(batch=2))
+    carried = Carried(carried.fam + 1.0)
+    gen = torch.Generator().manual_seed(0)
+    always = start_state(module, 3, carried, p_carry=1.0, rpo=False, gen=gen)
+    torch.testing.assert_close(always.fam, carried.fam[None].expand_as(always.fam))
+    assert not always.fam_fresh.any()
+    fresh = module.new_state(batch=3)
+    nf = SETUP.fam_len
+    assert not torch.allclose(always.k[1][:, :, :nf], fresh.k[1][:, :, :nf])  # the carried vectors' keys
+    never = start_state(module, 3, carried, p_carry=0.0, rpo=False, gen=gen)
+    torch.testing.assert_close(never.fam, module.new_state(batch=3).fam)
+    assert never.fam_fresh.all()
+    bases = torch.cat([start_state(module, 64, None, 0.8, rpo=True, gen=gen).base for _ in range(4)])
+    assert (bases >= 0).all() and (bases < 2 * math.pi * 10000.0).all()
+    assert 0.3 < (bases > 0).float().mean().item() < 0.7  # about half the rows are shifted
+
+
+def test_initial_state_under_autograd_trains_the_prompt():
+    module = build_model(SETUP, "fam")
+    module.requires_grad_(False).fam_prompt.requires_grad_(True)
+    tokens = torch.randint(12, 32, (1, 2 * SETUP.block_size), generator=torch.Generator().manual_seed(3))
+    state = start_state(module, 1, None, 0.8, rpo=True, gen=torch.Generator().manual_seed(0))
+    _, loss, _ = sequence_loss(module, state, tokens, torch.ones(tokens.shape))
+    loss.backward()
+    assert module.fam_prompt.grad is not None and module.fam_prompt.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.mark.realmodel
+def test_data_layout(tokenizer):
+    from model.data import DataMaker, to_tensors
+
+    maker = DataMaker(tokenizer, list(range(1000, 9000)), seed=0)
+    for _ in range(20):
+        e = maker.passkey(768, "prose", min_gap=512)
+        assert len(e.tokens) == len(e.weights) == 768
+        a = len(e.answer)
+        assert e.tokens[-a:] == e.answer and sum(e.weights) == a and e.weights[-a - 1:-1] == [1.0] * a
+        key_end = max(i for i in range(768 - a) if e.tokens[i:i + a] == e.answer) + a
+        assert 768 - key_end >= 512, "the key must lie outside the attention window"
+    e = maker.passkey(4096 + maker.passkey_overhead, "standard")
+    assert len(e.tokens) == 4096 + maker.passkey_overhead
+    r = maker.repeat(768, 64)
+    assert sum(w > 0 for w in r.weights) == 64 and max(r.weights) == pytest.approx(0.1)
+    seg = r.tokens[-64:]
+    body = r.tokens[:768 - 64 - len(maker.repeat_mark)]
+    assert any(body[i:i + 64] == seg for i in range(len(body) - 63))
+    tokens, weights = to_tensors([maker.prose_lm(300), maker.prose_lm(300)])
+    assert tokens.shape == weights.shape == (2, 300)
+
+
+def test_export_round_trip(tmp_path):
+    """LoRA trained through peft, exported with save_adapter, merged by Adapter.apply: same outputs."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from model.adapter import load_adapter
+    from model.finetune import export_adapter, lora_weights
+    from model.runtime import FamRuntime
+
+    trained = build_model(SETUP, "fam")
+    base = build_model(SETUP, "fam")
+    fingerprint = FamRuntime(base, None, "tiny", tmp_path, None).model_fingerprint
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                            trained)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        trained.fam_prompt.normal_(0, 1)
+    ckpt = tmp_path / "ckpt.pt"
+    meta = {"base_model": "tiny", "base_model_fingerprint": fingerprint, "fam_config": trained.fam_cfg.describe(),
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}}
+    torch.save({"trainable": {"fam_prompt": trained.fam_prompt.detach()}, "lora": lora_weights(trained),
+                "meta": meta, "step": 7}, ckpt)
+    out = tmp_path / "a.safetensors"
+    export_adapter(ckpt, out)
+    rt = FamRuntime(base, None, "tiny", tmp_path, None)
+    adapter = load_adapter(out, "tiny")
+    assert adapter.meta["step"] == 7 and len(adapter.lora) == 3 * SETUP.layers
+    adapter.apply(rt)
+    tokens = torch.randint(0, 32, (1, 3 * SETUP.block_size), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, h_trained = trained.ingest(trained.new_state(), tokens)
+        _, h_merged = base.ingest(base.new_state(), tokens)
+    torch.testing.assert_close(h_merged, h_trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tiny_passkey_fam_beats_bswa_far_past_the_window():
+    """Step 1 of issue #5 (scripts/tiny_passkey.py at a smaller budget)."""
+    torch.set_num_threads(1)
+    s = TinySetup()
+    n = 16 * s.train_blocks * s.block_size
+    fam = passkey_accuracy(train(s, "fam"), s, n, 64, seed=7)
+    bswa = passkey_accuracy(train(s, "bswa"), s, n, 64, seed=7)
+    assert fam >= 0.8 and bswa <= 0.3, (fam, bswa)
