@@ -53,3 +53,22 @@ def tiny_chat_dir(tmp_path_factory, default_model_dir) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, folder / f.name)
     return folder
+
+
+def _pdf_bytes(pages: list[str]) -> bytes:
+    """A PDF with one page per string (fpdf2); an empty string makes a page without text."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=11)
+    for text in pages:
+        pdf.add_page()
+        if text:
+            pdf.multi_cell(0, 6, text)
+    return bytes(pdf.output())
+
+
+@pytest.fixture(scope="session")
+def pdf_bytes():
+    """pages -> PDF bytes, for the ingest tests of every layer."""
+    return _pdf_bytes

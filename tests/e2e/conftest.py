@@ -151,21 +151,8 @@ def document(tmp_path: Path) -> Path:
     return path
 
 
-def pdf_bytes(pages: list[str]) -> bytes:
-    """A PDF with one page per string (fpdf2); an empty string makes a page without text."""
-    from fpdf import FPDF
-
-    pdf = FPDF()
-    pdf.set_font("Helvetica", size=11)
-    for text in pages:
-        pdf.add_page()
-        if text:
-            pdf.multi_cell(0, 6, text)
-    return bytes(pdf.output())
-
-
 @pytest.fixture
-def make_pdf(tmp_path: Path) -> Callable[[list[str]], Path]:
+def make_pdf(tmp_path: Path, pdf_bytes) -> Callable[[list[str]], Path]:
     def make(pages: list[str]) -> Path:
         path = tmp_path / f"doc-{len(list(tmp_path.glob('*.pdf')))}.pdf"
         path.write_bytes(pdf_bytes(pages))

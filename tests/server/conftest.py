@@ -113,19 +113,6 @@ def error() -> Callable[..., dict[str, Any]]:
     return assert_error
 
 
-def pdf_bytes(pages: list[str]) -> bytes:
-    """A PDF with one page per string (fpdf2); an empty string makes a blank page."""
-    from fpdf import FPDF
-
-    pdf = FPDF()
-    pdf.set_font("Helvetica", size=11)
-    for text in pages:
-        pdf.add_page()
-        if text:
-            pdf.multi_cell(0, 6, text)
-    return bytes(pdf.output())
-
-
 def encrypted_pdf_bytes(data: bytes, user_password: str) -> bytes:
     """`data` encrypted with RC4-128 (pypdf needs no extra package for it)."""
     import io
@@ -140,7 +127,7 @@ def encrypted_pdf_bytes(data: bytes, user_password: str) -> bytes:
 
 
 @pytest.fixture
-def make_pdf() -> Callable[[list[str]], bytes]:
+def make_pdf(pdf_bytes) -> Callable[[list[str]], bytes]:
     return pdf_bytes
 
 

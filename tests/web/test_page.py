@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,18 +72,6 @@ def chromium() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
-
-
-def pdf_bytes(pages: list[str]) -> bytes:
-    from fpdf import FPDF
-
-    pdf = FPDF()
-    pdf.set_font("Helvetica", size=11)
-    for text in pages:
-        pdf.add_page()
-        if text:
-            pdf.multi_cell(0, 6, text)
-    return bytes(pdf.output())
 
 
 def record_progress(page: Page) -> None:
@@ -145,7 +133,7 @@ def page(browser: Browser, server_url: str) -> Iterator[Page]:
     assert not errors, errors
 
 
-def test_read_ask_and_delete_with_an_api_key(page: Page, server_url: str, tmp_path: Path) -> None:
+def test_read_ask_and_delete_with_an_api_key(page: Page, server_url: str, tmp_path: Path, pdf_bytes) -> None:
     # without a key the server refuses /v1 and the page says so in the server's words
     expect(page.locator("#error-text")).to_have_text(
         "a valid API key is required (Authorization: Bearer <key>)", timeout=TIMEOUT_MS
@@ -203,7 +191,7 @@ def test_read_ask_and_delete_with_an_api_key(page: Page, server_url: str, tmp_pa
     assert listed == []
 
 
-def test_errors_are_shown_plainly(page: Page, tmp_path: Path) -> None:
+def test_errors_are_shown_plainly(page: Page, tmp_path: Path, pdf_bytes) -> None:
     page.fill("#api-key", "not-the-key")
     page.press("#api-key", "Enter")
     expect(page.locator("#error-text")).to_have_text("a valid API key is required (Authorization: Bearer <key>)")
@@ -224,7 +212,7 @@ def test_errors_are_shown_plainly(page: Page, tmp_path: Path) -> None:
     expect(page.locator("#error-text")).to_have_text("notes.docx: only .pdf, .txt and .md files can be read.")
 
 
-def screenshot(out: Path) -> None:
+def screenshot(out: Path, pdf_bytes: Callable[[list[str]], bytes]) -> None:
     """Serve the default model (as `fam-server` would), read a two-page PDF, ask a question, save the page."""
     with tempfile.TemporaryDirectory() as tmp, serve(create_app(Settings(data_dir=Path(tmp) / "data"))) as url:
         pdf = Path(tmp) / "bridge-report-2025.pdf"
@@ -241,4 +229,7 @@ def screenshot(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/web.png"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import _pdf_bytes
+
+    screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/web.png"), _pdf_bytes)
