@@ -100,7 +100,7 @@ class FamConfig:
 
     mode: str = "fam"
     block_size: int = 256  # B: tokens per block; the FAM update runs when a block fills
-    memory_blocks: int = 2  # m: previous blocks kept as K/V (the window is m·B .. (m+1)·B tokens)
+    memory_blocks: int = 1  # m: previous blocks kept as K/V (the window is m·B .. (m+1)·B tokens)
     fam_len: int = 32  # F: feedback vectors per layer (used by mode=fam only)
     sink_tokens: int = 4  # attention sinks kept by mode=sink
     # The paper's first FAM update adds a zero residual instead of the initial state (it "carries no context").
