@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -29,7 +30,7 @@ def worker(spec: dict) -> dict:
     """One measurement in this process: spec = {kind: fam|bswa|hf, dtype, n, decode: bool}."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(spec["threads"])
     sys.path.insert(0, str(ROOT))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (1, spec["n"]), generator=gen)
@@ -76,11 +77,11 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def matmul_rate(dtype: str) -> float:
-    """The machine's measured dense matmul rate (FLOP/s) at this dtype, 2 threads."""
+def matmul_rate(dtype: str, threads: int) -> float:
+    """The machine's measured dense matmul rate (FLOP/s) at this dtype and thread count."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     a = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
     b = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
     a @ b
@@ -107,6 +108,9 @@ def main() -> None:
                     help="longest float32 run (float32 ingest is ~3x slower than bfloat16 on AMX CPUs)")
     ap.add_argument("--decode-at", type=int, nargs="+", default=[8192, 131072])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads per run (on a machine shared with other jobs, 1 avoids the thread-barrier "
+                         "stalls that oversubscription inflicts on many small ops)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_model.md"))
     args = ap.parse_args()
     if args.worker:
@@ -116,7 +120,7 @@ def main() -> None:
     def lengths(dt: str) -> list[int]:
         return [n for n in args.lengths if dt != "float32" or n <= args.float32_max]
 
-    specs = [dict(kind=k, dtype=dt, n=n, decode=n in args.decode_at)
+    specs = [dict(kind=k, dtype=dt, n=n, decode=n in args.decode_at, threads=args.threads)
              for dt in args.dtypes for n in lengths(dt) for k in ("fam", "bswa", "hf")
              if k != "hf" or n <= args.hf_max]
     results: dict[str, list[dict]] = {}
@@ -131,7 +135,8 @@ def main() -> None:
         vals = [x[field] for x in results.get(json.dumps(s, sort_keys=True), []) if field in x]
         return statistics.median(vals) if vals else None
 
-    lines = [f"Benchmark of {date.today()} on {platform.machine()} ({platform.processor() or 'cpu'}), 2 threads; "
+    lines = [f"Benchmark of {date.today()} on {platform.machine()} ({platform.processor() or 'cpu'}), "
+             f"{args.threads} thread(s), load average at start {os.getloadavg()[0]:.1f}; "
              f"command: `python scripts/bench_model.py {' '.join(sys.argv[1:])}`; median of {args.repeats}.", ""]
     nonemb = next(x["nonemb_params"] for v in results.values() for x in v if "nonemb_params" in x)
     block = next(x["block"] for v in results.values() for x in v if "block" in x)
@@ -141,12 +146,12 @@ def main() -> None:
                  "fam % of matmul peak | fam peak RSS MB | HF peak RSS MB | state bytes |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for dt in args.dtypes:
-        peak = matmul_rate(dt)
+        peak = matmul_rate(dt, args.threads)
         for n in lengths(dt):
-            f_s, b_s, h_s = (med(dict(kind=k, dtype=dt, n=n, decode=n in args.decode_at), "ingest_s")
-                             for k in ("fam", "bswa", "hf"))
-            fam_spec = dict(kind="fam", dtype=dt, n=n, decode=n in args.decode_at)
-            hf_spec = dict(kind="hf", dtype=dt, n=n, decode=n in args.decode_at)
+            f_s, b_s, h_s = (med(dict(kind=k, dtype=dt, n=n, decode=n in args.decode_at, threads=args.threads),
+                                 "ingest_s") for k in ("fam", "bswa", "hf"))
+            fam_spec = dict(kind="fam", dtype=dt, n=n, decode=n in args.decode_at, threads=args.threads)
+            hf_spec = dict(kind="hf", dtype=dt, n=n, decode=n in args.decode_at, threads=args.threads)
             rss_f, rss_h, sb = med(fam_spec, "peak_rss_mb"), med(hf_spec, "peak_rss_mb"), med(fam_spec, "state_bytes")
             fam_tps = n / f_s
             lines.append(
@@ -157,10 +162,11 @@ def main() -> None:
               "|---|---|---|---|---|"]
     for dt in args.dtypes:
         for n in (n for n in args.decode_at if n in lengths(dt)):
-            vals = [med(dict(kind=k, dtype=dt, n=n, decode=True), "decode_s") for k in ("fam", "bswa", "hf")]
+            vals = [med(dict(kind=k, dtype=dt, n=n, decode=True, threads=args.threads), "decode_s")
+                    for k in ("fam", "bswa", "hf")]
             lines.append(f"| {dt} | {n} | " + " | ".join(f"{DECODE_TOKENS / v:.1f}" if v else "-" for v in vals) + " |")
     for dt in args.dtypes:
-        lines.append(f"\nMeasured {dt} matmul rate: {matmul_rate(dt) / 1e9:.0f} GFLOP/s "
+        lines.append(f"\nMeasured {dt} matmul rate: {matmul_rate(dt, args.threads) / 1e9:.0f} GFLOP/s "
                      f"(2048x2048 mm); FLOPs per token counted as 2 x {nonemb / 1e6:.0f}M non-embedding parameters.")
     text = "\n".join(lines) + "\n"
     print(text)
