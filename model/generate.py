@@ -38,7 +38,8 @@ class SamplingParams:
 
 
 def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits [V] (float32) -> one token id."""
+    """logits [V] -> one token id. Sampling runs on the CPU, where the seeded generator lives."""
+    logits = logits.float().cpu()
     if p.temperature == 0:
         return int(logits.argmax())
     logits = logits / p.temperature
