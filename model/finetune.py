@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def lora_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch
 def run_meta(args: argparse.Namespace, rt: FamRuntime, base_fp: str) -> dict[str, Any]:
     return {
         "base_model": rt.name, "base_model_fingerprint": base_fp,
-        "fam_config": rt.fam_config.describe() | {"fam_len": args.fam_len},
+        "fam_config": asdict(rt.fam_config),
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": list(args.lora_targets)},
         "prompt_init_text": FAM_PROMPT_INIT_TEXT,
         "training_command": "python -m model.finetune " + " ".join(sys.argv[1:]),
@@ -212,6 +213,10 @@ def export_adapter(ckpt_path: Path, out: Path, init_prompt: torch.Tensor | None 
     from model.adapter import save_adapter
 
     c = torch.load(ckpt_path, weights_only=False)
+    # runs started before the meta stored every FamConfig field kept describe(), where sink_tokens is 0 outside sink
+    # mode: restore the default so that the adapter's layout can be switched to sink mode
+    fam = {k: v for k, v in c["meta"]["fam_config"].items() if not (k == "sink_tokens" and v == 0)}
+    c["meta"]["fam_config"] = asdict(FamConfig(**fam))
     prompt = c["trainable"].get("fam_prompt", init_prompt)
     if prompt is None:
         raise ValueError(f"{ckpt_path} has no trained FAM prompt: pass the initial prompt")

@@ -49,8 +49,10 @@ def load_system(system: str, adapter: Path, base_cfg: FamConfig) -> FamRuntime:
     if system.endswith("-adapter"):
         return FamRuntime.load(None, adapter=adapter, dtype="bfloat16")
     fam_adapter = BUNDLED[DEFAULT_MODEL_NAME]
-    cfg = load_adapter(fam_adapter, DEFAULT_MODEL_NAME).fam_config() if fam_adapter.is_file() else base_cfg
-    return FamRuntime.load(None, fam=cfg.replace(mode=system.removesuffix("-base")), dtype="bfloat16")
+    if fam_adapter.is_file():
+        cfg = load_adapter(fam_adapter, DEFAULT_MODEL_NAME).fam_config()
+        base_cfg = base_cfg.replace(block_size=cfg.block_size, memory_blocks=cfg.memory_blocks, fam_len=cfg.fam_len)
+    return FamRuntime.load(None, fam=base_cfg.replace(mode=system.removesuffix("-base")), dtype="bfloat16")
 
 
 def done_cells() -> set[tuple]:

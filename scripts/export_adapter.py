@@ -28,7 +28,7 @@ def main() -> None:
     meta = torch.load(args.checkpoint, weights_only=False)["meta"]
     init_prompt = None
     if meta["fam_config"]["mode"] != "fam":  # no trained prompt: store the model's initial one
-        cfg = FamConfig(**(meta["fam_config"] | {"fam_len": meta["fam_config"].get("fam_len") or 32}))
+        cfg = FamConfig(**{k: v for k, v in meta["fam_config"].items() if k != "sink_tokens"})
         init_prompt = FamRuntime.load(None, fam=cfg, dtype="bfloat16").module.fam_prompt.detach()
     meta = export_adapter(args.checkpoint, args.out, init_prompt)
     size = args.out.stat().st_size
