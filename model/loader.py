@@ -235,13 +235,15 @@ def load_module(folder: Path, fam: FamConfig, dtype: torch.dtype, device: torch.
 
 
 def fingerprint(module: FamLM) -> str:
-    """A short hash of the architecture and a strided sample of every weight: tells checkpoints apart cheaply."""
+    """A short hash of the architecture and a strided sample of every weight: tells checkpoints apart cheaply.
+    The sample is hashed at bfloat16 precision, so a model loaded in float32 or bfloat16 has one fingerprint
+    (an adapter trained in one dtype applies in the other; saved states record their dtype separately)."""
     h = hashlib.sha256(json.dumps(module.arch.__dict__, sort_keys=True, default=str).encode())
     for name, p in sorted(module.named_parameters()):
         if name == "fam_prompt":
             continue  # the prompt belongs to the adapter's fingerprint
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float().cpu().numpy().tobytes()
         h.update(name.encode() + str(tuple(p.shape)).encode() + sample)
     return h.hexdigest()[:16]
 

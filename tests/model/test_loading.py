@@ -74,3 +74,15 @@ def test_adapter_for_another_base_is_refused(tiny_chat_dir, tmp_path):
         FamRuntime.load(tiny_chat_dir, dtype="float32", adapter=path)
     with pytest.raises(AdapterError, match="adapter file not found"):
         FamRuntime.load(tiny_chat_dir, dtype="float32", adapter=tmp_path / "missing.safetensors")
+
+
+def test_fingerprint_does_not_depend_on_dtype(tiny_chat_dir):
+    """An adapter trained on the bf16 model must apply to the fp32 model (and a different model must differ)."""
+    fp32 = FamRuntime.load(tiny_chat_dir, dtype="float32").model_fingerprint
+    assert FamRuntime.load(tiny_chat_dir, dtype="bfloat16").model_fingerprint == fp32
+    rt = FamRuntime.load(tiny_chat_dir, dtype="float32")
+    with torch.no_grad():
+        rt.module.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    from model.loader import fingerprint
+
+    assert fingerprint(rt.module) != fp32
