@@ -112,6 +112,8 @@ def main() -> None:
                     help="torch threads per run (on a machine shared with other jobs, 1 avoids the thread-barrier "
                          "stalls that oversubscription inflicts on many small ops)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_model.md"))
+    ap.add_argument("--cache", default=str(ROOT / "runs" / "bench_model.jsonl"),
+                    help="every measurement is appended here; a rerun reuses what it finds (delete it to start over)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -123,11 +125,23 @@ def main() -> None:
     specs = [dict(kind=k, dtype=dt, n=n, decode=n in args.decode_at, threads=args.threads)
              for dt in args.dtypes for n in lengths(dt) for k in ("fam", "bswa", "hf")
              if k != "hf" or n <= args.hf_max]
+    cache = Path(args.cache)
+    cached: dict[str, list[dict]] = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            row = json.loads(line)
+            cached.setdefault(json.dumps(row["spec"], sort_keys=True), []).append(row["result"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for r in range(args.repeats):  # round-robin: every contender sees the same machine weather
         for s in specs:
             key = json.dumps(s, sort_keys=True)
-            res = run(s)
+            if len(cached.get(key, [])) > r:
+                res = cached[key][r]
+            else:
+                res = run(s)
+                with cache.open("a") as f:
+                    f.write(json.dumps({"spec": s, "result": res}) + "\n")
             results.setdefault(key, []).append(res)
             print(f"[{r + 1}/{args.repeats}] {s} -> {res}", file=sys.stderr, flush=True)
 
