@@ -42,6 +42,7 @@ class Document:
 class TokenizedDocument:
     ids: list[int]
     page_ends: list[int]  # page_ends[i]: tokens up to the end of page i (for pages_done in progress)
+    paged: bool = True  # a PDF has pages to report; a text file has none
 
     @property
     def digest(self) -> str:
@@ -175,7 +176,7 @@ class IncrementalTokenizer:
 
 
 def tokenize_pages(pages: Iterable[str], encode: Encode, chunk_chars: int = CHUNK_CHARS,
-                   exact_chunks: bool = True) -> TokenizedDocument:
+                   exact_chunks: bool = True, paged: bool = True) -> TokenizedDocument:
     """Page ends in tokens are interpolated (by characters) inside the tokenizer call that covered them."""
     inc = IncrementalTokenizer(encode, chunk_chars, exact_chunks)
     ids: list[int] = []
@@ -187,7 +188,7 @@ def tokenize_pages(pages: Iterable[str], encode: Encode, chunk_chars: int = CHUN
         chars += len(piece)
         char_ends.append(chars)
     ids += inc.flush()
-    return TokenizedDocument(ids=ids, page_ends=[_tokens_at(inc.marks, c) for c in char_ends])
+    return TokenizedDocument(ids=ids, page_ends=[_tokens_at(inc.marks, c) for c in char_ends], paged=paged)
 
 
 def _tokens_at(marks: list[tuple[int, int]], chars: int) -> int:

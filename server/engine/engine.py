@@ -140,12 +140,11 @@ class Engine:
         """Extract (PDF or text) and tokenise an uploaded file, off the event loop and off the model worker."""
         doc = await asyncio.to_thread(extract, data, content_type, filename, self.config.max_pdf_pages)
         return await asyncio.to_thread(tokenize_pages, doc.pages, self.encode_document,
-                                       exact_chunks=self._exact_chunks)
+                                       exact_chunks=self._exact_chunks, paged=doc.kind == "pdf")
 
     async def prepare_text(self, text: str) -> TokenizedDocument:
-        doc = text_document(text)
-        return await asyncio.to_thread(tokenize_pages, doc.pages, self.encode_document,
-                                       exact_chunks=self._exact_chunks)
+        return await asyncio.to_thread(tokenize_pages, text_document(text).pages, self.encode_document,
+                                       exact_chunks=self._exact_chunks, paged=False)
 
     # ---------------------------------------------------------------------------------------------- sessions
 

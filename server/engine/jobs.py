@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 class Progress:
     tokens_done: int
     tokens_total: int
-    pages_done: int
-    pages_total: int
+    pages_done: int | None  # None for text documents, which have no pages
+    pages_total: int | None
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,10 @@ class IngestJob(Job):
         if self.key:
             s.idempotency[self.key]["doc_tokens_done"] = doc_done
         done = self.pos == len(self.seq)
+        paged = self.doc.paged
         self.post(Progress(tokens_done=doc_done, tokens_total=len(self.doc.ids),
-                           pages_done=self.doc.pages_done(doc_done), pages_total=len(self.doc.page_ends)))
+                           pages_done=self.doc.pages_done(doc_done) if paged else None,
+                           pages_total=len(self.doc.page_ends) if paged else None))
         if done:
             s.turn = Turn.USER
             result = eng.session_info(s)
