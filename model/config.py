@@ -12,7 +12,7 @@ MODES = ("fam", "bswa", "sink", "full")
 
 # Architectures whose decoder layer is "pre-RMSNorm -> GQA attention with RoPE -> pre-RMSNorm -> SwiGLU MLP".
 # Qwen2 differs only by biases on q/k/v, which the weight table reads from the config.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # the two the tests compare against HF
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -82,7 +82,7 @@ class ArchConfig:
 
 
 def _arch_from_model_type(model_type: str) -> str:
-    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
         model_type, model_type or "<none>"
     )
 
