@@ -6,11 +6,9 @@ Nothing here is inference-only: call sites wrap work in `torch.inference_mode()`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +151,6 @@ class FamRuntime:
     def load_state(self, path: str | os.PathLike[str]) -> FamState:
         return self.state_from_bytes(Path(path).read_bytes())[0]
 
-    def fork(self, state: FamState) -> FamState:
-        """States are values: a fork shares tensors until either side moves on."""
-        return replace(state)
-
 
 def read_safetensors_metadata(data: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors blob (its header is a little-endian u64 length, then JSON)."""
@@ -171,6 +165,3 @@ def read_safetensors_metadata(data: bytes) -> dict[str, str]:
         raise StateMismatchError(f"not a FAM state: unreadable header ({e})") from e
     return dict(header.get("__metadata__") or {})
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
