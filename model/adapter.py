@@ -1,7 +1,9 @@
 """FAM adapters: the trained FAM prompt plus LoRA deltas, in one small safetensors file with JSON metadata.
 
-At load the LoRA deltas are merged into the base weights (W += alpha/r · B·A), so inference costs nothing extra.
-An adapter records the fingerprint of the base model it was trained on and refuses any other base.
+At load each LoRA delta is attached to its projection as a low-rank side path (y = W x + alpha/r · B (A x)), not
+merged into W: merged into bf16 weights, a small delta loses most of its precision (68% relative error on the
+step-113 adapter, measured); the side path keeps it, at the cost of two skinny matmuls per projection. An adapter
+records the fingerprint of the base model it was trained on and refuses any other base.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class Adapter:
         return FamConfig(**self.meta["fam_config"])
 
     def apply(self, rt: FamRuntime) -> None:
-        """Check the base model, then set P and merge the LoRA deltas into rt's weights."""
+        """Check the base model, then set P and attach the LoRA side paths to rt's projections."""
         want = self.meta.get("base_model_fingerprint")
         if want != rt.model_fingerprint:
             raise AdapterError(
@@ -65,15 +67,31 @@ class Adapter:
                                f"FAM prompt {tuple(m.fam_prompt.shape)} (fam_len mismatch)")
         scale = float(self.meta["lora"]["alpha"]) / float(self.meta["lora"]["r"])
         modules = dict(m.named_modules())
+        for name, (a, b) in self.lora.items():
+            mod = modules.get(name)
+            if not isinstance(mod, torch.nn.Linear):
+                raise AdapterError(f"adapter targets unknown module {name!r}")
+            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features or a.shape[0] != b.shape[1]:
+                raise AdapterError(f"adapter LoRA for {name!r} has shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                                   f"the module is {mod.in_features} -> {mod.out_features}")
         with torch.no_grad():
             m.fam_prompt.copy_(self.prompt.to(m.fam_prompt))
-            for name, (a, b) in self.lora.items():
-                if name not in modules:
-                    raise AdapterError(f"adapter targets unknown module {name!r}")
-                w = modules[name].weight
-                w += (scale * (b.float() @ a.float())).to(w)
+        for name, (a, b) in self.lora.items():
+            w = modules[name].weight
+            modules[name].register_forward_hook(_LoraPath(a.to(w), (scale * b.float()).to(w)))
         m.invalidate_cache()
         rt.adapter = self
+
+
+class _LoraPath:
+    """Forward hook adding the low-rank term (x A^T) B^T to a projection's output."""
+
+    def __init__(self, a: Tensor, scaled_b: Tensor):
+        self.a_t, self.b_t = a.t().contiguous(), scaled_b.t().contiguous()
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        x = args[0]
+        return out + (x @ self.a_t.to(x.dtype)) @ self.b_t.to(x.dtype)
 
 
 def save_adapter(path: str | os.PathLike[str], prompt: Tensor, lora: dict[str, tuple[Tensor, Tensor]],

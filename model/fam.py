@@ -141,7 +141,7 @@ class FamLM(nn.Module):
         self.invalidate_cache()
 
     def invalidate_cache(self) -> None:
-        """Call after changing weights (adapter merge, training step) outside autograd."""
+        """Call after changing weights (adapter prompt, training step) outside autograd."""
         self._fam0 = None
 
     def initial_fam(self) -> Tensor:

@@ -2,6 +2,8 @@
 
 - `sequence_loss`: back-propagation through all blocks of a sequence, no detach inside it; each block runs under
   `torch.utils.checkpoint`, so only the state between blocks is kept for the backward pass.
+  `distill_sequence_loss` adds KL(teacher || model) at every position, for distillation from a teacher's
+  log-probabilities.
 - `start_state`: Random State Passing (RSP: each row starts from the carried FAM state with probability p, else
   from the learned initial state, which stays under autograd so the prompt learns) and Random Position Offset
   (RPO: with probability 1/2 a row's positions are shifted by a draw from [0, 2*pi*rope_theta)).
@@ -56,16 +58,25 @@ def start_state(module: FamLM, batch: int, carried: Carried | None, p_carry: flo
     return state
 
 
-def _block(module: FamLM, state: FamState, x: Tensor, y: Tensor, w: Tensor) -> tuple[FamState, Tensor, Tensor]:
-    """One block: the new state, the weighted loss sum and the count of correct argmax predictions (weight > 0)."""
+def _block(module: FamLM, state: FamState, x: Tensor, y: Tensor, w: Tensor,
+           teacher: Tensor | None) -> tuple[FamState, Tensor, Tensor, Tensor]:
+    """One block: the new state, the weighted loss sum, the KL(teacher || model) sum over all positions (0 without
+    a teacher) and the count of correct argmax predictions (weight > 0)."""
     state, h = module.forward_chunk(state, x)
+    zero = h.sum() * 0.0
     sel = w > 0
-    if not bool(sel.any()):
-        zero = h.sum() * 0.0
-        return state, zero, zero.detach()
-    logits = module.lm_head(h[sel]).float()
-    loss = (F_.cross_entropy(logits, y[sel], reduction="none") * w[sel]).sum()
-    return state, loss, (logits.argmax(-1) == y[sel]).sum().float()
+    loss, correct, kl = zero, zero.detach(), zero
+    if teacher is not None:
+        logits = module.lm_head(h).float()
+        t = teacher.float()
+        kl = (t.exp() * (t - F_.log_softmax(logits, -1))).sum()
+        logits = logits[sel]
+    elif bool(sel.any()):
+        logits = module.lm_head(h[sel]).float()
+    if bool(sel.any()):
+        loss = (F_.cross_entropy(logits, y[sel], reduction="none") * w[sel]).sum()
+        correct = (logits.argmax(-1) == y[sel]).sum().float()
+    return state, loss, kl, correct
 
 
 def sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor,
@@ -75,17 +86,27 @@ def sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tenso
     weights[b, N] weighs the prediction of token i+1 from position i (the last column is ignored). Returns the
     final state (still attached to the graph), the weighted loss sum and the number of correct weighted tokens.
     """
+    state, loss, _, correct = distill_sequence_loss(module, state, tokens, weights, None, use_checkpoint)
+    return state, loss, correct
+
+
+def distill_sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor, teacher: Tensor | None,
+                          use_checkpoint: bool = True) -> tuple[FamState, Tensor, Tensor, Tensor]:
+    """`sequence_loss` plus, when `teacher` [b, N, V] (log-probabilities of the next token at every position) is
+    given, the sum over all positions of KL(teacher || model). Returns (state, loss sum, KL sum, correct)."""
     targets = torch.cat((tokens[:, 1:], tokens[:, :1]), 1)
     w = torch.cat((weights[:, :-1], torch.zeros_like(weights[:, :1])), 1)
     loss = tokens.new_zeros((), dtype=torch.float32)
     correct = tokens.new_zeros((), dtype=torch.float32)
+    kl = tokens.new_zeros((), dtype=torch.float32)
     pos, n = 0, tokens.shape[1]
     while pos < n:
         t = min(state.cfg.block_size - state.n_block, n - pos)
-        args = (module, state, tokens[:, pos:pos + t], targets[:, pos:pos + t], w[:, pos:pos + t])
+        args = (module, state, tokens[:, pos:pos + t], targets[:, pos:pos + t], w[:, pos:pos + t],
+                None if teacher is None else teacher[:, pos:pos + t])
         if use_checkpoint and torch.is_grad_enabled():
-            state, block_loss, block_correct = checkpoint(_block, *args, use_reentrant=False)
+            state, block_loss, block_kl, block_correct = checkpoint(_block, *args, use_reentrant=False)
         else:
-            state, block_loss, block_correct = _block(*args)
-        loss, correct, pos = loss + block_loss, correct + block_correct, pos + t
-    return state, loss, correct
+            state, block_loss, block_kl, block_correct = _block(*args)
+        loss, kl, correct, pos = loss + block_loss, kl + block_kl, correct + block_correct, pos + t
+    return state, loss, kl, correct

@@ -5,7 +5,7 @@
     python scripts/evaluate.py report
 
 Systems (the base model is the default SmolLM2-135M-Instruct; B and m come from the adapter's fam_config):
-  fam-adapter   the trained adapter (--adapter, default the bundled file), loaded as the server loads it (merged)
+  fam-adapter   the trained adapter (--adapter, default the bundled file), loaded as the server loads it
   bswa-adapter  the BSWA control adapter (--adapter ...-bswa.safetensors), if one was trained
   fam-base      untrained FAM (initial prompt, no LoRA)
   bswa-base, sink-base, full-base   the base weights in those modes (full: up to the model's 8k context)

@@ -123,7 +123,7 @@ def test_data_layout(tokenizer):
 
 
 def test_export_round_trip(tmp_path):
-    """LoRA trained through peft, exported with save_adapter, merged by Adapter.apply: same outputs."""
+    """LoRA trained through peft, exported with save_adapter, applied by Adapter.apply: same outputs."""
     from peft import LoraConfig, inject_adapter_in_model
 
     from model.adapter import load_adapter
@@ -154,8 +154,85 @@ def test_export_round_trip(tmp_path):
     tokens = torch.randint(0, 32, (1, 3 * SETUP.block_size), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         _, h_trained = trained.ingest(trained.new_state(), tokens)
-        _, h_merged = base.ingest(base.new_state(), tokens)
-    torch.testing.assert_close(h_merged, h_trained, rtol=1e-4, atol=1e-4)
+        _, h_applied = base.ingest(base.new_state(), tokens)
+    torch.testing.assert_close(h_applied, h_trained, rtol=1e-4, atol=1e-4)
+
+
+def test_small_lora_delta_survives_bf16(tmp_path):
+    """A LoRA delta below the bf16 spacing of the weights still acts on a bf16 model (merged, it would vanish)."""
+    from model.adapter import Adapter
+    from model.runtime import FamRuntime
+
+    module = build_model(replace(SETUP, width=256), "fam").to(torch.bfloat16)
+    name = "layers.0.mlp.down_proj"
+    proj = dict(module.named_modules())[name]
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(1, proj.in_features, generator=gen).sign()  # rows of +-1
+    b = torch.randn(proj.out_features, 1, generator=gen) * 2e-5
+    exact = (b @ (a @ a.T))[:, 0]
+    rel_err = lambda effect: ((effect - exact).norm() / exact.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        x = a.to(torch.bfloat16)  # along A: the delta's effect is in_features times its size
+        before = proj(x).float()
+        merged = torch.nn.functional.linear(x, proj.weight + (b @ a).to(torch.bfloat16)).float()
+        assert rel_err((merged - before)[0]) > 0.4
+        rt = FamRuntime(module, None, "tiny", tmp_path, None)
+        meta = {"base_model_fingerprint": rt.model_fingerprint, "lora": {"r": 1, "alpha": 1}}
+        Adapter(module.fam_prompt.detach().clone(), {name: (a, b)}, meta).apply(rt)
+        effect = (proj(x).float() - before)[0]
+    assert rel_err(effect) < 0.1
+
+
+def test_distillation_loss():
+    """KL(teacher || model) is zero against the model's own log-probabilities and positive against another model's;
+    the weighted loss is the one sequence_loss gives."""
+    from model.train import distill_sequence_loss
+
+    module, other = build_model(SETUP, "fam"), build_model(replace(SETUP, seed=SETUP.seed + 1), "fam")
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 32, (2, 2 * SETUP.block_size + 3), generator=gen)
+    weights = torch.rand(tokens.shape, generator=gen)
+
+    def logprobs(m):
+        with torch.no_grad():
+            state, out = m.new_state(batch=2), []
+            for pos in range(0, tokens.shape[1], SETUP.block_size):
+                state, h = m.forward_chunk(state, tokens[:, pos:pos + SETUP.block_size])
+                out.append(torch.log_softmax(m.lm_head(h).float(), -1))
+            return torch.cat(out, 1)
+
+    _, loss, kl_self, correct = distill_sequence_loss(module, module.new_state(batch=2), tokens, weights,
+                                                      logprobs(module))
+    _, loss_plain, correct_plain = sequence_loss(module, module.new_state(batch=2), tokens, weights)
+    _, _, kl_other, _ = distill_sequence_loss(module, module.new_state(batch=2), tokens, weights, logprobs(other))
+    assert abs(kl_self.item()) < 1e-3 * tokens.numel()
+    assert kl_other.item() > 0.01 * tokens.numel()
+    torch.testing.assert_close(loss, loss_plain)
+    assert correct.item() == correct_plain.item()
+
+
+def test_teacher_is_the_base_model_in_full_mode():
+    """The distillation teacher ignores the LoRA being trained and sees the whole sequence (full mode)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from model.finetune import teacher_logprobs
+
+    base = build_model(SETUP, "fam")
+    trained = build_model(SETUP, "fam")
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]), trained)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    tokens = torch.randint(0, 32, (1, 3 * SETUP.block_size), generator=torch.Generator().manual_seed(7))
+    got = teacher_logprobs(trained, tokens).float()
+    with torch.no_grad():
+        _, h = base.ingest(base.new_state(mode="full"), tokens)
+        last = torch.log_softmax(base.lm_head(h).float(), -1)
+        _, h_lora = trained.ingest(trained.new_state(mode="full"), tokens)
+    torch.testing.assert_close(got[:, -1], last, atol=0.05, rtol=0)  # bf16 storage
+    assert (torch.log_softmax(trained.lm_head(h_lora).float(), -1) - last).abs().max() > 0.1  # LoRA back on
+    assert all(p.requires_grad for n, p in trained.named_parameters() if "lora_" in n)
 
 
 @pytest.mark.slow
