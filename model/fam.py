@@ -229,19 +229,22 @@ class FamLM(nn.Module):
         # the first update of a fresh state may use a zero residual (FamConfig.zero_first_residual)
         keep = (~(state.fam_fresh & cfg.zero_first_residual)).to(dt)[:, None, None]
         new_k, new_v, new_fam = [], [], []
+        tok_cos, tok_sin = cos[:, :, fam_rows:], sin[:, :, fam_rows:]
+        tok_mask = None if mask is None else mask[fam_rows:]
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             fam_in = state.fam[:, li]
-            x = torch.cat((fam_in, h), 1) if fam_rows else h  # one projection over [F_prev ; X]
+            r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
+            x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
             xn = layer.input_layernorm(x)
-            q = Rope.apply(attn.q(xn), cos, sin)
-            k, v = attn.kv(xn[:, fam_rows:])  # the feedback rows' own keys are already in the state
-            keys = torch.cat((state.k[li], Rope.apply(k, cos[:, :, fam_rows:], sin[:, :, fam_rows:])), 2)
+            q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
+            k, v = attn.kv(xn[:, r:])  # the feedback rows' own keys are already in the state
+            keys = torch.cat((state.k[li], Rope.apply(k, tok_cos, tok_sin)), 2)
             vals = torch.cat((state.v[li], v), 2)
-            resid = torch.cat((fam_in * keep, h), 1) if fam_rows else h
-            y = layer.finish(resid, attn.attend(q, keys, vals, mask))
-            new_fam.append(y[:, :fam_rows])
-            h = y[:, fam_rows:]
+            resid = torch.cat((fam_in * keep, h), 1) if r else h
+            y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
+            new_fam.append(y[:, :r] if r else fam_in)
+            h = y[:, r:]
             new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
             new_v.append(vals)
         h = self.norm(h)

@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--memory-blocks", type=int, default=1)
     ap.add_argument("--fam-len", type=int, default=32)
+    ap.add_argument("--fam-update-from", type=int, default=12,
+                    help="first layer whose FAM state updates (FamConfig.fam_update_from); 12 for SmolLM2-135M: with "
+                         "every layer updating, the untrained model collapses after ~12 blocks and RSP's carried "
+                         "states wreck training (docs/training.md)")
     ap.add_argument("--seq-blocks", type=int, nargs=2, default=(4, 8), metavar=("MIN", "MAX"),
                     help="sequence length in blocks, drawn uniformly per step")
     ap.add_argument("--batch", type=int, default=1)
@@ -77,7 +81,7 @@ def setup(args: argparse.Namespace) -> tuple[FamRuntime, str, dict[str, torch.nn
     from peft import LoraConfig, inject_adapter_in_model
 
     fam = FamConfig(mode=args.mode, block_size=args.block_size, memory_blocks=args.memory_blocks,
-                    fam_len=args.fam_len)
+                    fam_len=args.fam_len, fam_update_from=args.fam_update_from)
     rt = FamRuntime.load(args.model, fam=fam, dtype="bfloat16")
     base_fp = rt.model_fingerprint  # before anything is applied
     torch.manual_seed(args.seed)

@@ -55,11 +55,12 @@ def test_equals_hf_model(tiny_dirs, arch, fam):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "full"])
+@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "full", "fam-upper"])
 @torch.no_grad()
 def test_chunking_does_not_matter(tiny_dirs, arch, mode):
     """Invariant 2: one call, random splits and token-by-token decode give the same state and logits."""
-    m = tiny(tiny_dirs[arch], mode=mode, block_size=16, memory_blocks=1, fam_len=4)
+    extra = {"fam_update_from": 1} if mode == "fam-upper" else {}
+    m = tiny(tiny_dirs[arch], mode=mode.removesuffix("-upper"), block_size=16, memory_blocks=1, fam_len=4, **extra)
     ids = torch.randint(0, 211, (1, 100), generator=torch.Generator().manual_seed(2))
     s_one, l_one = chunked_logits(m, m.new_state(), ids, [100])
     s_split, l_split = chunked_logits(m, m.new_state(), ids, [7, 30, 1, 45, 17])
@@ -212,3 +213,21 @@ def test_zero_first_residual_only_changes_the_first_update(tiny_dirs):
     _, hp = paper.forward_chunk(sp, ids[:, 16:])
     _, ho = ours.forward_chunk(so, ids[:, 16:])
     torch.testing.assert_close(hp, ho)
+
+
+@torch.no_grad()
+def test_layers_below_fam_update_from_keep_their_state(tiny_dirs):
+    """fam_update_from = 1: layer 0 keeps the initial state through every block, the layers above update it exactly
+    as with every layer updating (a layer's update does not depend on another layer's feedback state)."""
+    ids = torch.randint(0, 211, (1, 48), generator=torch.Generator().manual_seed(10))
+    upper = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4, fam_update_from=1)
+    every = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    su, _ = upper.forward_chunk(upper.new_state(), ids[:, :16])
+    se, _ = every.forward_chunk(every.new_state(), ids[:, :16])
+    torch.testing.assert_close(su.fam[:, 0], upper.initial_fam()[0][None])
+    assert not torch.allclose(se.fam[:, 0], every.initial_fam()[0][None])
+    torch.testing.assert_close(su.fam[:, 1:], se.fam[:, 1:])  # first block: same inputs, same update above layer 0
+    su, _ = upper.ingest(su, ids[:, 16:])
+    torch.testing.assert_close(su.fam[:, 0], upper.initial_fam()[0][None])
+    with pytest.raises(ValueError, match="fam_update_from"):
+        FamConfig(fam_update_from=-1)
