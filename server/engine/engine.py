@@ -74,12 +74,18 @@ class _Call:
     future: concurrent.futures.Future
 
 
+def default_mode(rt: FamRuntime) -> str:
+    """The adapter's mode when one is loaded. Without one, `sink`: untrained FAM weights collapse to chance-level
+    next-token loss after ~12 blocks on the default model (docs/untrained_fam.md)."""
+    return rt.fam_config.mode if rt.adapter is not None else "sink"
+
+
 class Engine:
     def __init__(self, rt: FamRuntime, config: EngineConfig):
         self.rt, self.config = rt, config
         self.store = SessionStore(rt, config.data_dir, config.secret, config.memory_budget_bytes)
         self.chat = ChatFormat(rt.chat_text, rt.decode([rt.tokenizer.eos_token_id]))
-        self.default_mode = config.default_mode or rt.fam_config.mode
+        self.default_mode = config.default_mode or default_mode(rt)
         self.stats = EngineStats()
         self._tokenizer_lock = threading.Lock()  # one tokenizer, used from the worker and helper threads
         self._exact_chunks = chunking_is_exact(self.encode_document)

@@ -45,8 +45,8 @@ def test_session_lifecycle(client, tiny_runtime):
     assert (s["object"], s["mode"], s["model"], s["tokens"], s["metadata"]) == (
         "session", "bswa", tiny_runtime.name, 0, {"title": "log"})
     assert s["state_bytes"] > 0
-    default = client.post("/v1/sessions").json()  # no body: the server's default mode
-    assert default["mode"] == tiny_runtime.fam_config.mode
+    default = client.post("/v1/sessions").json()  # no body: the server's default mode (no adapter: sink)
+    assert tiny_runtime.adapter is None and default["mode"] == "sink"
     listed = client.get("/v1/sessions").json()
     assert listed["object"] == "list" and {x["id"] for x in listed["data"]} == {s["id"], default["id"]}
     assert client.get(f"/v1/sessions/{s['id']}").json() == s

@@ -107,7 +107,7 @@ def test_two_ingests_on_one_session_run_in_order(tmp_path, tiny_runtime):
     assert r1["tokens"] == len(pre) + len(d1)
     assert r2["tokens"] == len(pre) + len(d1) + len(d2)
     with torch.inference_mode():
-        reference, _ = tiny_runtime.ingest(tiny_runtime.new_state(), pre + d1 + d2)
+        reference, _ = tiny_runtime.ingest(tiny_runtime.new_state(mode=state.cfg.mode), pre + d1 + d2)
     torch.testing.assert_close(next_token_logits(tiny_runtime, state), next_token_logits(tiny_runtime, reference))
 
 
@@ -175,7 +175,7 @@ def test_idempotency_key_replays_and_resumes(tmp_path, tiny_runtime):
     assert result["tokens"] == total  # nothing ingested twice
     assert replay.replayed and replayed == result
     with torch.inference_mode():
-        reference, _ = tiny_runtime.ingest(tiny_runtime.new_state(), pre + doc)
+        reference, _ = tiny_runtime.ingest(tiny_runtime.new_state(mode=state.cfg.mode), pre + doc)
     torch.testing.assert_close(next_token_logits(tiny_runtime, state), next_token_logits(tiny_runtime, reference))
 
 
