@@ -58,7 +58,8 @@ def main() -> None:
         "fam, initial state as first residual": per_block_loss(base.replace(zero_first_residual=False), tokens),
         "fam, update from layer 6": per_block_loss(base.replace(fam_update_from=6), tokens),
         "fam, update from layer 12": per_block_loss(base.replace(fam_update_from=12), tokens),
-        "fam, never updated (the initial state as a fixed sink)": per_block_loss(base.replace(fam_update_from=10**6), tokens),
+        "fam, never updated (the initial state, a fixed sink)":
+            per_block_loss(base.replace(fam_update_from=10**6), tokens),
     }
     g = args.group
     cols = [f"{i}-{min(i + g, args.blocks) - 1}" if g > 1 else str(i) for i in range(0, args.blocks, g)]
