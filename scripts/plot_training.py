@@ -23,9 +23,10 @@ def main() -> None:
     args = ap.parse_args()
     name = args.name or args.run.name
     recs = [json.loads(line) for line in (args.run / "log.jsonl").open()]
-    by_kind: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    by_kind: dict[str, list[tuple[int, float, float, float | None]]] = defaultdict(list)
     for r in recs:
-        by_kind[r["kinds"][0]].append((r["step"], r["loss"], r["acc"]))
+        by_kind[r["kinds"][0]].append((r["step"], r["loss"], r["acc"], r.get("kl")))
+    has_kl = all(r.get("kl") is not None for r in recs)
 
     n = len(recs)
     parts = 4 if n >= 8 else 1
@@ -35,13 +36,16 @@ def main() -> None:
              f"{sum(r['seconds'] for r in recs) / 3600:.2f} h of step time, "
              f"mean {sum(r['tokens'] for r in recs) / sum(r['seconds'] for r in recs):.1f} tokens/s.", "",
              "Mean loss / next-token accuracy on the weighted tokens per example kind, by quarter of the run "
-             "(PassKey accuracy is per answer token).", "",
+             "(PassKey accuracy is per answer token)"
+             + ("; then the mean KL(teacher || model) per position against the distillation teacher." if has_kl
+                else "."), "",
              "| steps | " + " | ".join(sorted(by_kind)) + " |", "|---|" + "---:|" * len(by_kind)]
     for a, b in zip(edges, edges[1:], strict=False):
         row = []
         for kind in sorted(by_kind):
-            sel = [(lo, ac) for s, lo, ac in by_kind[kind] if recs[a]["step"] <= s <= recs[b - 1]["step"]]
-            row.append(f"{sum(x for x, _ in sel) / len(sel):.3f} / {sum(y for _, y in sel) / len(sel):.3f} "
+            sel = [(lo, ac, kl) for s, lo, ac, kl in by_kind[kind] if recs[a]["step"] <= s <= recs[b - 1]["step"]]
+            kl = f", KL {sum(z for _, _, z in sel) / len(sel):.3f}" if has_kl and sel else ""
+            row.append(f"{sum(x for x, _, _ in sel) / len(sel):.3f} / {sum(y for _, y, _ in sel) / len(sel):.3f}{kl} "
                        f"(n={len(sel)})" if sel else "-")
         lines.append(f"| {recs[a]['step']}-{recs[b - 1]['step']} | " + " | ".join(row) + " |")
     (ROOT / "docs").mkdir(exist_ok=True)
