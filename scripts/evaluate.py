@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=256, help="base systems, when no adapter file exists")
     ap.add_argument("--memory-blocks", type=int, default=1, help="base systems, when no adapter file exists")
     ap.add_argument("--fam-len", type=int, default=32, help="base systems, when no adapter file exists")
+    ap.add_argument("--fam-update-from", type=int, default=0, help="base systems: FamConfig.fam_update_from")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,7 +193,8 @@ def main() -> None:
         return
     if not args.system:
         ap.error("--system is required")
-    base_cfg = FamConfig(block_size=args.block_size, memory_blocks=args.memory_blocks, fam_len=args.fam_len)
+    base_cfg = FamConfig(block_size=args.block_size, memory_blocks=args.memory_blocks, fam_len=args.fam_len,
+                         fam_update_from=args.fam_update_from)
     rt = load_system(args.system, args.adapter, base_cfg)
     print(json.dumps({"system": args.system, "fam_config": rt.fam_config.describe()}), flush=True)
     name = args.name or args.system
