@@ -48,3 +48,32 @@ def test_save_load_continue(tmp_path):
     p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     q = rt.encode(" It was")
     assert "".join(generate(rt, restored, q, p)) == "".join(generate(rt, state, q, p))
+
+
+def _late_loss(rt: FamRuntime, mode: str, ids: list[int], skip: int) -> float:
+    """Mean next-token loss on ids[skip:] after ingesting from the start in `mode`."""
+    state, losses = rt.new_state(mode=mode), []
+    block = rt.fam_config.block_size
+    for i in range(0, len(ids) - 1, block):
+        x = ids[i:i + block + 1]
+        state, h = rt.module.forward_chunk(state, torch.tensor([x[:block]]))
+        if i >= skip:
+            losses.append(torch.nn.functional.cross_entropy(rt.module.logits(h)[0, :len(x) - 1],
+                                                            torch.tensor(x[1:])).item())
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def test_bundled_adapter_keeps_fam_working_past_the_collapse():
+    """The default model loads its bundled adapter; with it, fam mode on held-out prose 12-16 blocks in (where the
+    untrained FAM state collapses to chance, docs/untrained_fam.md) predicts as well as sink mode, within 0.3 nats."""
+    from model.data import prose_tokens
+
+    rt = FamRuntime.load(None, adapter="auto", dtype="bfloat16")
+    assert rt.adapter is not None and rt.fam_config == rt.adapter.fam_config() and rt.fam_config.mode == "fam"
+    block = rt.fam_config.block_size
+    ids = prose_tokens(rt.tokenizer, held_out=True)[20_000:20_000 + 16 * block + 1]
+    fam, sink = _late_loss(rt, "fam", ids, 12 * block), _late_loss(rt, "sink", ids, 12 * block)
+    assert fam < sink + 0.3, (fam, sink)
+    untrained = FamRuntime.load(None, fam=rt.fam_config.replace(fam_update_from=0), adapter=None, dtype="bfloat16")
+    assert _late_loss(untrained, "fam", ids, 12 * block) > sink + 1.0  # the test can tell a collapse
