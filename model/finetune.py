@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="1: measured faster than 2 on the shared 2-core machine (OpenMP threads stall under load)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-adapter", type=Path, default=None,
+                    help="start from an adapter file's prompt and LoRA weights and continue its step count (a fresh "
+                         "optimizer and RSP state: what survives a new machine, since runs/ is not committed); "
+                         "ignored when --resume finds a checkpoint")
     return ap.parse_args(argv)
 
 
@@ -120,6 +124,35 @@ def teacher_logprobs(module: torch.nn.Module, tokens: torch.Tensor) -> torch.Ten
         for layer in layers:
             layer.enable_adapters(True)
     return torch.cat(out, 1)
+
+
+def init_from_adapter(module: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], base_fp: str,
+                      args: argparse.Namespace) -> int:
+    """Copy an adapter file's prompt and LoRA A/B into the injected LoRA layers; returns the adapter's step. The
+    adapter must match the base model, the FAM layout and the LoRA layout of this run."""
+    from model.adapter import load_adapter
+
+    adapter = load_adapter(args.init_adapter, "")
+    problems = []
+    if adapter.meta.get("base_model_fingerprint") != base_fp:
+        problems.append(f"base model fingerprint {adapter.meta.get('base_model_fingerprint')} != {base_fp}")
+    if adapter.fam_config() != module.fam_cfg:
+        problems.append(f"FAM layout {adapter.fam_config()} != {module.fam_cfg}")
+    lora = adapter.meta.get("lora", {})
+    if (lora.get("r"), float(lora.get("alpha", 0))) != (args.lora_r, float(args.lora_alpha)):
+        problems.append(f"LoRA r/alpha {lora.get('r')}/{lora.get('alpha')} != {args.lora_r}/{args.lora_alpha}")
+    layers = lora_weights(module)
+    if set(adapter.lora) != set(layers):
+        problems.append(f"LoRA targets differ ({len(adapter.lora)} modules in the file, {len(layers)} injected)")
+    if problems:
+        raise ValueError(f"cannot start from {args.init_adapter}: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, (a, b) in adapter.lora.items():
+            layers[name][0].copy_(a)
+            layers[name][1].copy_(b)
+        if "fam_prompt" in trainable:
+            trainable["fam_prompt"].copy_(adapter.prompt)
+    return int(adapter.meta.get("step", 0))
 
 
 def lora_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -189,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         data.rng.setstate(c["data_rng"])
         gen.set_state(c["gen"])
         meta = c["meta"] | {"resumed_with": "python -m model.finetune " + " ".join(sys.argv[1:])}
+    elif args.init_adapter is not None:
+        step = init_from_adapter(module, trainable, base_fp, args)
+        meta["initialised_from"] = {"adapter": str(args.init_adapter), "step": step}
     (run / "meta.json").write_text(json.dumps(meta, indent=1))
 
     def checkpoint_now() -> None:

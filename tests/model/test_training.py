@@ -246,3 +246,38 @@ def test_tiny_passkey_fam_beats_bswa_past_the_window():
     fam = passkey_accuracy(train(s, "fam"), s, n, 64, seed=7)
     bswa = passkey_accuracy(train(s, "bswa"), s, n, 64, seed=7)
     assert fam >= 0.6 and bswa <= 0.4 and fam - bswa >= 0.3, (fam, bswa)  # measured: 0.80 vs 0.25 (script seeds)
+
+
+def test_training_can_start_from_an_adapter_file(tmp_path):
+    """--init-adapter: the prompt and LoRA weights of an exported adapter come back into a fresh run, and an
+    adapter of another LoRA layout is refused."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from model.adapter import save_adapter
+    from model.finetune import init_from_adapter, lora_weights
+    from model.runtime import FamRuntime
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    trained, fresh = build_model(SETUP, "fam"), build_model(SETUP, "fam")
+    fingerprint = FamRuntime(fresh, None, "tiny", tmp_path, None).model_fingerprint
+    for m in (trained, fresh):
+        inject_adapter_in_model(cfg, m)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+        trained.fam_prompt.normal_(0, 1)
+    meta = {"base_model_fingerprint": fingerprint, "fam_config": trained.fam_cfg.describe() | {"sink_tokens": 4},
+            "lora": {"r": 4, "alpha": 8}, "step": 12}
+    save_adapter(tmp_path / "a.safetensors", trained.fam_prompt, lora_weights(trained), meta)
+    args = SimpleNamespace(init_adapter=tmp_path / "a.safetensors", lora_r=4, lora_alpha=8)
+    trainable = {"fam_prompt": fresh.fam_prompt}
+    assert init_from_adapter(fresh, trainable, fingerprint, args) == 12
+    for name, (a, b) in lora_weights(trained).items():
+        torch.testing.assert_close(lora_weights(fresh)[name], (a, b))
+    torch.testing.assert_close(fresh.fam_prompt, trained.fam_prompt)
+    with pytest.raises(ValueError, match="LoRA r/alpha"):
+        init_from_adapter(fresh, trainable, fingerprint, SimpleNamespace(init_adapter=args.init_adapter, lora_r=8,
+                                                                         lora_alpha=16))
