@@ -65,17 +65,15 @@ def _block(module: FamLM, state: FamState, x: Tensor, y: Tensor, w: Tensor,
     state, h = module.forward_chunk(state, x)
     zero = h.sum() * 0.0
     sel = w > 0
-    loss, correct, kl = zero, zero.detach(), zero
-    if teacher is not None:
-        logits = module.lm_head(h).float()
-        t = teacher.float()
-        kl = (t.exp() * (t - F_.log_softmax(logits, -1))).sum()
-        logits = logits[sel]
-    elif bool(sel.any()):
-        logits = module.lm_head(h[sel]).float()
-    if bool(sel.any()):
-        loss = (F_.cross_entropy(logits, y[sel], reduction="none") * w[sel]).sum()
-        correct = (logits.argmax(-1) == y[sel]).sum().float()
+    every, kl = None, zero
+    if teacher is not None:  # the KL needs every position's logits
+        every, t = module.lm_head(h).float(), teacher.float()
+        kl = (t.exp() * (t - F_.log_softmax(every, -1))).sum()
+    if not bool(sel.any()):
+        return state, zero, kl, zero.detach()
+    logits = module.lm_head(h[sel]).float() if every is None else every[sel]
+    loss = (F_.cross_entropy(logits, y[sel], reduction="none") * w[sel]).sum()
+    correct = (logits.argmax(-1) == y[sel]).sum().float()
     return state, loss, kl, correct
 
 
