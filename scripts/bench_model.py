@@ -55,9 +55,10 @@ def worker(spec: dict) -> dict:
                     tok = logits[:, -1].argmax(-1, keepdim=True)
                 out["decode_s"] = time.perf_counter() - t
         else:
-            from model import FamConfig, FamRuntime
+            from model import FamRuntime
 
-            rt = FamRuntime.load(None, fam=FamConfig(mode=spec["kind"]), dtype=spec["dtype"], adapter="auto")
+            # as the server runs it: the bundled adapter (LoRA side paths) with its own layout, in the asked mode
+            rt = FamRuntime.load(None, dtype=spec["dtype"], adapter="auto", fam_overrides={"mode": spec["kind"]})
             warm, _ = rt.module.ingest(rt.new_state(), ids[:, :2 * rt.fam_config.block_size + 7])  # every shape
             rt.module.ingest(warm, ids[:, :1])  # kind once: block passes, FAM updates, a partial chunk, decode
             t = time.perf_counter()
