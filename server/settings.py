@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     # --- the model (None / unset = what the model package chooses: the default model, the adapter's FAM config)
     model: str | None = None  # a Hugging Face folder, a .gguf file or a hub id; unset = SmolLM2-135M-Instruct
     adapter: str | None = "auto"  # a FAM adapter file, "auto" (the bundled one for the default model) or "none"
-    mode: str | None = None  # default mode of new sessions and session-less requests; unset = the adapter's, or sink
+    mode: str | None = None  # default mode of new sessions and session-less requests; unset = sink
     block_size: int | None = Field(None, ge=1)
     memory_blocks: int | None = Field(None, ge=0)
     fam_len: int | None = Field(None, ge=1)

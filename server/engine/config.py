@@ -10,7 +10,7 @@ from pathlib import Path
 class EngineConfig:
     data_dir: Path  # snapshots live in data_dir/sessions
     secret: bytes  # HMAC-SHA256 key that signs every snapshot (on disk and exported)
-    default_mode: str | None = None  # mode of new sessions and of session-less requests; None = the model's
+    default_mode: str | None = None  # mode of new sessions and of session-less requests; None = engine.DEFAULT_MODE
     max_sessions: int = 1000  # resident + spilled
     max_queue: int = 64  # unfinished jobs (running or waiting) before new work is refused
     max_tokens: int = 4096  # cap on one request's max_tokens

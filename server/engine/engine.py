@@ -74,10 +74,11 @@ class _Call:
     future: concurrent.futures.Future
 
 
-def default_mode(rt: FamRuntime) -> str:
-    """The adapter's mode when one is loaded. Without one, `sink`: untrained FAM weights collapse to chance-level
-    next-token loss after ~12 blocks on the default model (docs/untrained_fam.md)."""
-    return rt.fam_config.mode if rt.adapter is not None else "sink"
+# The mode of new sessions when the server is not told one: `sink`, with or without an adapter, until a FAM
+# adapter passes the depth test (docs/depth.md). Untrained FAM collapses to chance-level next-token loss after
+# ~12 blocks (docs/untrained_fam.md); the bundled adapter holds up to ~8k tokens, then drifts far below `sink`.
+# A session asked for in `fam` still gets `fam`.
+DEFAULT_MODE = "sink"
 
 
 class Engine:
@@ -85,7 +86,7 @@ class Engine:
         self.rt, self.config = rt, config
         self.store = SessionStore(rt, config.data_dir, config.secret, config.memory_budget_bytes)
         self.chat = ChatFormat(rt.chat_text, rt.decode([rt.tokenizer.eos_token_id]))
-        self.default_mode = config.default_mode or default_mode(rt)
+        self.default_mode = config.default_mode or DEFAULT_MODE
         self.stats = EngineStats()
         self._tokenizer_lock = threading.Lock()  # one tokenizer, used from the worker and helper threads
         self._exact_chunks = chunking_is_exact(self.encode_document)

@@ -41,3 +41,12 @@ def test_question_about_an_ingested_document(real, mode):
     sid = real.post("/v1/sessions", json={"mode": mode}).json()["id"]
     assert real.post(f"/v1/sessions/{sid}/ingest", json={"text": STORY}).status_code == 200
     assert "Whiskers" in ask(real, "What is the name of Maria's cat?", session_id=sid)
+
+
+def test_sessions_default_to_sink_even_with_the_bundled_adapter(tmp_path):
+    """The bundled adapter drifts below sink past ~8k tokens (docs/depth.md): `fam` is opt-in until one passes."""
+    rt = FamRuntime.load(None, adapter="auto")
+    assert rt.adapter is not None and rt.fam_config.mode == "fam"
+    with TestClient(create_app(Settings(data_dir=tmp_path, secret="s"), rt)) as client:
+        assert client.post("/v1/sessions").json()["mode"] == "sink"
+        assert client.post("/v1/sessions", json={"mode": "fam"}).json()["mode"] == "fam"
