@@ -113,6 +113,10 @@ class FamConfig:
     # next-token loss collapse to chance after ~12 blocks; updating only from layer 12 on stays within 0.5 nats of a
     # never-updated state over 64 blocks.
     fam_update_from: int = 0
+    # Rescale each updated feedback row to the RMS of the same row of the initial state (the layer's own input
+    # scale). Unbounded, a feedback row passes through its layer once per block, like a residual stream hundreds
+    # of layers deep: with the bundled adapter the top layers' rows grow ~3x in RMS over 30 blocks (docs/depth.md).
+    fam_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -148,4 +152,5 @@ class FamConfig:
         return {"mode": self.mode, "block_size": self.block_size, "memory_blocks": self.memory_blocks,
                 "fam_len": self.F, "sink_tokens": self.n_sinks,
                 "zero_first_residual": self.zero_first_residual and self.F > 0,
-                "fam_update_from": self.fam_update_from if self.F else 0}
+                "fam_update_from": self.fam_update_from if self.F else 0,
+                **({"fam_norm": True} if self.fam_norm and self.F else {})}  # absent when off: older states load

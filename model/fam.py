@@ -228,6 +228,7 @@ class FamLM(nn.Module):
         h = self.embed_tokens(tokens)  # [b, T, d]
         # the first update of a fresh state may use a zero residual (FamConfig.zero_first_residual)
         keep = (~(state.fam_fresh & cfg.zero_first_residual)).to(dt)[:, None, None]
+        fam_rms = _rms(self.initial_fam()) if cfg.fam_norm and fam_rows else None  # [L, F, 1]
         new_k, new_v, new_fam = [], [], []
         tok_cos, tok_sin = cos[:, :, fam_rows:], sin[:, :, fam_rows:]
         tok_mask = None if mask is None else mask[fam_rows:]
@@ -243,7 +244,10 @@ class FamLM(nn.Module):
             vals = torch.cat((state.v[li], v), 2)
             resid = torch.cat((fam_in * keep, h), 1) if r else h
             y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
-            new_fam.append(y[:, :r] if r else fam_in)
+            upd = y[:, :r]
+            if r and fam_rms is not None:
+                upd = upd * (fam_rms[li] / _rms(upd)).to(dt)
+            new_fam.append(upd if r else fam_in)
             h = y[:, r:]
             new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
             new_v.append(vals)
@@ -286,6 +290,11 @@ class FamLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()
+
+
+def _rms(x: Tensor) -> Tensor:
+    """Root mean square over the last axis, in float32, keeping that axis."""
+    return x.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
 
 
 def _mask(nf: int, S: int, T: int, block_start: int, fam_rows: int, device: torch.device) -> Tensor | None:

@@ -1,0 +1,306 @@
+"""Depth test: next-token accuracy over the W tokens that follow N ingested tokens of held-out text, N up to 1M.
+
+    python -m training.depth run --system fam-adapter --max-depth 1048576
+    python -m training.depth run --system sink-base
+    python -m training.depth report
+
+The text is the R manuals of Debian's r-doc-pdf (R-intro, R-lang, R-data, R-admin, R-FAQ, R-ints, R-exts, then
+the 2,415-page reference manual; ~1.8M tokens of technical English the adapter never saw), extracted once with
+pypdf and cached in runs/depth/.
+
+Systems (default model, bf16; B, m and F are the bundled adapter's):
+  fam-adapter   fam with the bundled adapter, as the server runs it
+  sink-adapter  sink with the adapter's LoRA attached (what a default session runs while the adapter is loaded)
+  bswa-adapter  bswa with the adapter's LoRA
+  sink-base, bswa-base   the base weights
+
+fam is measured in one pass over the stream: the scored windows are the logits of that same ingest, and the FAM
+state itself is traced at every block (per-layer RMS of the feedback rows, and how far each block moves them), so a
+drift shows where it starts and in which layers. The pass checkpoints its state and resumes.
+
+sink and bswa have a bounded receptive field: a token's output depends on the sinks and on the last L·m blocks
+(each layer reaches m blocks further back), so their state at depth N is computed exactly from the sinks plus the
+L·m + 1 blocks before N (`window_stream`; tests/training/test_depth.py checks it against the whole stream).
+Every measured cell is appended to runs/depth/cells.jsonl; `report` writes docs/depth.md and docs/depth.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.adapter import BUNDLED, load_adapter
+from model.fam import FamLM
+from model.loader import DEFAULT_MODEL_NAME
+from model.runtime import FamRuntime
+from model.state import FamState
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "depth"
+CELLS = RUNS / "cells.jsonl"
+R_MANUALS = Path("/usr/share/R/doc/manual")
+R_ORDER = ("R-intro", "R-lang", "R-data", "R-admin", "R-FAQ", "R-ints", "R-exts", "fullrefman")
+DEPTHS = (2048, 4096, 8192, 12288, 16384, 24576, 32768, 65536, 131072, 262144, 524288, 1048576)
+WINDOW = 512
+SYSTEMS = ("fam-adapter", "sink-adapter", "bswa-adapter", "sink-base", "bswa-base")
+
+
+# ------------------------------------------------------------------------------------------------ the text
+
+def text_tokens(tokenizer, cache: Path = RUNS / "rdocs_tokens.json") -> list[int]:
+    """The R manuals as one token stream (extracted and tokenized once, then cached)."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from pypdf import PdfReader
+
+    missing = [n for n in R_ORDER if not (R_MANUALS / f"{n}.pdf").is_file()]
+    if missing:
+        raise SystemExit(f"missing {missing} in {R_MANUALS}: apt-get install r-doc-pdf")
+    parts = []
+    for name in R_ORDER:
+        t0 = time.time()
+        pages = PdfReader(R_MANUALS / f"{name}.pdf").pages
+        parts.append("\n".join(p.extract_text() or "" for p in pages))
+        print(f"extracted {name}: {len(pages)} pages in {time.time() - t0:.0f} s", flush=True)
+    ids = list(tokenizer.encode("\n\n".join(parts), add_special_tokens=False))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(ids))
+    return ids
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def blocks(state: FamState, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Cut [start, end) at the block boundaries of `state` (which has already ingested `start` tokens)."""
+    pos, fill = start, state.n_block
+    while pos < end:
+        n = min(state.cfg.block_size - fill, end - pos)
+        yield pos, pos + n
+        pos, fill = pos + n, 0
+
+
+def window_stream(m: FamLM, mode: str, depth: int, window: int = WINDOW, extra_blocks: int = 1
+                  ) -> tuple[list[int], int]:
+    """Which stream positions give a sink/bswa state equal to the whole stream's at `depth`: the sinks, then the
+    L·m + `extra_blocks` blocks before `depth` (block-aligned, so blocks fall where they fall in the whole stream),
+    then the scored window. Returns the index list (into the original stream) and the RoPE position of its first
+    token (bswa keeps true positions; sink re-bases them anyway)."""
+    cfg = m.fam_cfg.replace(mode=mode)
+    B = cfg.block_size
+    span = (m.arch.num_layers * cfg.memory_blocks + extra_blocks) * B
+    start = max(0, (depth - span) // B * B)
+    if start == 0:
+        return list(range(depth + window)), 0
+    sinks = cfg.n_sinks
+    return list(range(sinks)) + list(range(start + sinks, depth + window)), (0 if sinks else start)
+
+
+def window_logits(m: FamLM, mode: str, ids: Tensor, depth: int, window: int = WINDOW, extra_blocks: int = 1
+                  ) -> Tensor:
+    """Logits [window, vocab] at stream positions [depth, depth + window) of ids [N], from the shortened stream."""
+    idx, position = window_stream(m, mode, depth, window, extra_blocks)
+    short = ids[torch.tensor(idx, device=ids.device)]
+    state, out = m.new_state(mode=mode, position=position), []
+    for a, b in blocks(state, 0, len(idx)):
+        state, h = m.forward_chunk(state, short[None, a:b])
+        if b > len(idx) - window:
+            out.append(m.logits(h[0, max(0, len(idx) - window - a):]))
+    return torch.cat(out)
+
+
+def score(m: FamLM, h: Tensor, targets: Tensor) -> tuple[int, int]:
+    """Greedy next-token hits of hidden states h [1, T, d] against targets [T]."""
+    pred = m.logits(h[0]).argmax(-1)
+    return int((pred == targets).sum()), targets.numel()
+
+
+@torch.inference_mode()
+def run_window(rt: FamRuntime, mode: str, stream: list[int], depth: int) -> tuple[int, int]:
+    ids = torch.tensor(stream[:depth + WINDOW + 1], device=rt.device)
+    pred = window_logits(rt.module, mode, ids, depth).argmax(-1)
+    targets = ids[depth + 1:depth + WINDOW + 1]
+    return int((pred == targets).sum()), WINDOW
+
+
+def trace_row(block: int, tokens: int, old: Tensor, new: Tensor, start: int) -> dict:
+    """Per-layer RMS of the feedback rows and their relative movement in one update (layers >= start move)."""
+    rms = new[0].float().pow(2).mean((-1, -2)).sqrt()
+    move = (new[0] - old[0]).float().norm(dim=(-1, -2)) / old[0].float().norm(dim=(-1, -2)).clamp_min(1e-9)
+    return {"block": block, "tokens": tokens, "rms": [round(x, 3) for x in rms.tolist()],
+            "move": [round(x, 4) for x in move[start:].tolist()]}
+
+
+@torch.inference_mode()
+def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]) -> None:
+    """One pass of fam over the stream up to the deepest window, scoring every window and tracing the state."""
+    m, B = rt.module, rt.fam_config.block_size
+    ckpt, trace = RUNS / f"{system}.state", RUNS / f"{system}.trace.jsonl"
+    done = {c["depth"] for c in cells() if c["system"] == system}
+    todo = sorted(d for d in depths if d not in done)
+    if not todo:
+        return
+    state, pos = rt.new_state(), 0
+    if ckpt.is_file():
+        state = rt.state_from_bytes(ckpt.read_bytes())[0]
+        pos = int(state.n_tokens[0])
+        print(f"{system}: resuming at {pos} tokens", flush=True)
+    end = todo[-1] + WINDOW
+    ids = torch.tensor(stream[:end + 1], device=rt.device)
+    windows = {d: [0, 0] for d in todo}
+    t0, t_ckpt = time.time(), time.time()
+    for a, b in blocks(state, pos, end):
+        old = state.fam
+        state, h = m.forward_chunk(state, ids[None, a:b])
+        for d, acc in windows.items():
+            lo, hi = max(a, d), min(b, d + WINDOW)
+            if lo < hi:
+                got = score(m, h[:, lo - a:hi - a], ids[lo + 1:hi + 1])
+                acc[0], acc[1] = acc[0] + got[0], acc[1] + got[1]
+                if hi == d + WINDOW:
+                    record({"system": system, "depth": d, "hits": acc[0], "n": acc[1],
+                            "accuracy": round(acc[0] / acc[1], 4), "seconds": round(time.time() - t0)})
+                    print(f"{system} depth {d}: {acc[0] / acc[1]:.3f} ({b / (time.time() - t0 + 1e-9):.0f} "
+                          f"tok/s since start)", flush=True)
+        if b % B == 0 and state.cfg.F:
+            blk = b // B - 1
+            if blk < 64 or blk % 8 == 0:
+                with trace.open("a") as f:
+                    f.write(json.dumps(trace_row(blk, b, old, state.fam, state.cfg.fam_update_from)) + "\n")
+        if time.time() - t_ckpt > 300 and not any(d <= b < d + WINDOW for d in todo):  # never inside a window
+            ckpt.write_bytes(rt.state_to_bytes(state))
+            t_ckpt = time.time()
+    ckpt.unlink(missing_ok=True)
+
+
+def cells() -> list[dict]:
+    return [json.loads(line) for line in CELLS.open()] if CELLS.is_file() else []
+
+
+def record(rec: dict) -> None:
+    CELLS.parent.mkdir(parents=True, exist_ok=True)
+    with CELLS.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def load_system(system: str, adapter: Path, overrides: dict) -> tuple[FamRuntime, str]:
+    mode, weights = system.split("-")
+    if weights == "adapter":
+        return FamRuntime.load(None, adapter=adapter, dtype="bfloat16", fam_overrides=overrides), mode
+    cfg = load_adapter(adapter, DEFAULT_MODEL_NAME).fam_config()
+    return FamRuntime.load(None, fam=cfg.replace(mode=mode, **overrides), dtype="bfloat16"), mode
+
+
+def parse_set(items: list[str]) -> dict:
+    """["fam_norm=true", "fam_update_from=20"] -> FamConfig overrides (JSON values)."""
+    return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    rt, mode = load_system(args.system, args.adapter, parse_set(args.set))
+    name = args.name or args.system
+    stream = text_tokens(rt.tokenizer)
+    depths = [d for d in DEPTHS if d <= args.max_depth]
+    assert depths[-1] + WINDOW < len(stream), f"the text has {len(stream)} tokens"
+    if mode == "fam":
+        return run_stream(rt, name, stream, depths)
+    done = {c["depth"] for c in cells() if c["system"] == name}
+    for d in depths:
+        if d in done:
+            continue
+        t0 = time.time()
+        hits, n = run_window(rt, mode, stream, d)
+        record({"system": name, "depth": d, "hits": hits, "n": n, "accuracy": round(hits / n, 4),
+                "seconds": round(time.time() - t0)})
+        print(f"{name} depth {d}: {hits / n:.3f}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def report(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {}
+    for c in cells():
+        by.setdefault(c["system"], {})[c["depth"]] = c
+    depths = sorted({d for s in by.values() for d in s})
+    systems = [s for s in SYSTEMS if s in by] + sorted(s for s in by if s not in SYSTEMS)
+    lines = ["# Depth test: next-token accuracy after N ingested tokens", "",
+             f"Generated by `python -m training.depth report` from runs/depth/cells.jsonl. Each cell: greedy "
+             f"next-token accuracy over the {WINDOW} tokens that follow N tokens of the R manuals (Debian r-doc-pdf, "
+             "never seen in training), default model, bf16, the bundled adapter's B, m and F. Commands: "
+             "`python -m training.depth run --system SYSTEM --max-depth 1048576` per system.", "",
+             "| system | " + " | ".join(f"{d // 1024}k" for d in depths) + " |",
+             "|---|" + "---:|" * len(depths)]
+    for s in systems:
+        lines.append(f"| {s} | " + " | ".join(f"{by[s][d]['accuracy']:.3f}" if d in by[s] else "-"
+                                              for d in depths) + " |")
+    ref = "sink-adapter" if "sink-adapter" in by else "sink-base"
+    if "fam-adapter" in by and ref in by:
+        common = [d for d in depths if d in by["fam-adapter"] and d in by[ref]]
+        worst = min(common, key=lambda d: by["fam-adapter"][d]["accuracy"] - by[ref][d]["accuracy"])
+        gap = by["fam-adapter"][worst]["accuracy"] - by[ref][worst]["accuracy"]
+        lines += ["", f"Target `fam-adapter >= {ref} - 0.01` at every depth: worst gap {gap:+.3f} at "
+                      f"{worst // 1024}k ({'met' if gap >= -0.01 else 'not met'})."]
+    lines += trace_lines()
+    (ROOT / "docs" / "depth.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in systems:
+        ds = sorted(by[s])
+        ax.plot(ds, [by[s][d]["accuracy"] for d in ds], marker="o", label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens ingested before the scored window")
+    ax.set_ylabel(f"next-token accuracy ({WINDOW} tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "depth.png", dpi=110)
+
+
+def trace_lines() -> list[str]:
+    out = []
+    for trace in sorted(RUNS.glob("*.trace.jsonl")):
+        rows = [json.loads(line) for line in trace.open()]
+        if not rows:
+            continue
+        pick = [r for r in rows if r["block"] in (0, 1, 3, 7, 15, 31, 47, 63, 127, 255, 511, 1023, 2047, 4095)]
+        n_layers = len(pick[0]["rms"])
+        start = n_layers - len(pick[0]["move"])
+        show = [li for li in (0, start, start + 4, start + 8, n_layers - 2, n_layers - 1) if li < n_layers]
+        out += ["", f"## FAM state of `{trace.name.removesuffix('.trace.jsonl')}`, block by block", "",
+                "RMS of the feedback rows entering layer l, and (move) the relative change"
+                " ||F_new - F_old|| / ||F_old|| of one update, averaged over the updating layers.", "",
+                "| block | tokens | " + " | ".join(f"rms L{li}" for li in show) + " | mean move |",
+                "|---:|---:|" + "---:|" * (len(show) + 1)]
+        for r in pick:
+            out.append(f"| {r['block']} | {r['tokens']} | " + " | ".join(f"{r['rms'][li]:.2f}" for li in show)
+                       + f" | {sum(r['move']) / len(r['move']):.3f} |")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--system", required=True)
+    r.add_argument("--adapter", type=Path, default=BUNDLED[DEFAULT_MODEL_NAME])
+    r.add_argument("--max-depth", type=int, default=DEPTHS[-1])
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="FamConfig overrides, e.g. fam_norm=true")
+    r.add_argument("--name", help="label of the measured system (default: --system)")
+    sub.add_parser("report")
+    args = p.parse_args()
+    run(args) if args.cmd == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
