@@ -229,13 +229,15 @@ class FamLM(nn.Module):
         # the first update of a fresh state may use a zero residual (FamConfig.zero_first_residual)
         keep = (~(state.fam_fresh & cfg.zero_first_residual)).to(dt)[:, None, None]
         fam_rms = _rms(self.initial_fam()) if cfg.fam_norm and fam_rows else None  # [L, F, 1]
+        fam0 = self.initial_fam() if cfg.fam_gate != 1.0 and fam_rows else None  # [L, F, d]
         new_k, new_v, new_fam = [], [], []
         tok_cos, tok_sin = cos[:, :, fam_rows:], sin[:, :, fam_rows:]
         tok_mask = None if mask is None else mask[fam_rows:]
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             fam_in = state.fam[:, li]
-            r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
+            # layers outside [fam_update_from, fam_update_until) keep their state
+            r = fam_rows if cfg.fam_update_from <= li < (cfg.fam_update_until or self.arch.num_layers) else 0
             x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
             xn = layer.input_layernorm(x)
             q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
@@ -247,6 +249,8 @@ class FamLM(nn.Module):
             upd = y[:, :r]
             if r and fam_rms is not None:
                 upd = upd * (fam_rms[li] / _rms(upd)).to(dt)
+            if r and fam0 is not None:
+                upd = fam0[li] + cfg.fam_gate * (upd - fam0[li])
             new_fam.append(upd if r else fam_in)
             h = y[:, r:]
             new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer

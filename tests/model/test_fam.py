@@ -55,11 +55,12 @@ def test_equals_hf_model(tiny_dirs, arch, fam):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "full", "fam-upper", "fam-norm"])
+@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "full", "fam-upper", "fam-norm", "fam-gate"])
 @torch.no_grad()
 def test_chunking_does_not_matter(tiny_dirs, arch, mode):
     """Invariant 2: one call, random splits and token-by-token decode give the same state and logits."""
-    extra = {"fam-upper": {"fam_update_from": 1}, "fam-norm": {"fam_norm": True}}.get(mode, {})
+    extra = {"fam-upper": {"fam_update_from": 1}, "fam-norm": {"fam_norm": True}, "fam-gate": {"fam_gate": 0.5}}
+    extra = extra.get(mode, {})
     m = tiny(tiny_dirs[arch], mode=mode.split("-")[0], block_size=16, memory_blocks=1, fam_len=4, **extra)
     ids = torch.randint(0, 211, (1, 100), generator=torch.Generator().manual_seed(2))
     s_one, l_one = chunked_logits(m, m.new_state(), ids, [100])
@@ -247,3 +248,23 @@ def test_fam_norm_keeps_each_row_at_its_initial_scale(tiny_dirs):
     assert not torch.allclose(s_n.fam[0], normed.initial_fam(), atol=1e-3)
     assert (rms(s_p.fam[0]) - rms(plain.initial_fam())).abs().max() > 1e-2
     assert "fam_norm" not in FamConfig().describe() and FamConfig(fam_norm=True).describe()["fam_norm"]
+
+
+@torch.no_grad()
+def test_fam_gate_keeps_a_fraction_of_each_move_from_the_initial_state(tiny_dirs):
+    """fam_gate g: F = F0 + g·(F_new - F0) after every update; g = 0 never leaves F0, g = 1 is the paper's update."""
+    ids = torch.randint(0, 211, (1, 48), generator=torch.Generator().manual_seed(12))
+    kw = dict(mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    plain, half, frozen = (tiny(tiny_dirs["llama"], **kw, fam_gate=g) for g in (1.0, 0.5, 0.0))
+    f0 = plain.initial_fam()
+    s_p, _ = plain.forward_chunk(plain.new_state(), ids[:, :16])
+    s_h, _ = half.forward_chunk(half.new_state(), ids[:, :16])
+    torch.testing.assert_close(s_h.fam[0], f0 + 0.5 * (s_p.fam[0] - f0))  # first block: the same update, halved
+    s_h, _ = half.ingest(s_h, ids[:, 16:])
+    s_p, _ = plain.ingest(s_p, ids[:, 16:])
+    assert not torch.allclose(s_h.fam, s_p.fam, atol=1e-4)
+    s_f, _ = frozen.ingest(frozen.new_state(), ids)
+    torch.testing.assert_close(s_f.fam[0], f0)
+    assert "fam_gate" not in FamConfig().describe() and FamConfig(fam_gate=0.5).describe()["fam_gate"] == 0.5
+    with pytest.raises(ValueError, match="fam_gate"):
+        FamConfig(fam_gate=1.5)
