@@ -16,7 +16,8 @@ Systems (default model, bf16; B, m and F are the bundled adapter's):
 
 fam is measured in one pass over the stream: the scored windows are the logits of that same ingest, and the FAM
 state itself is traced at every block (per-layer RMS of the feedback rows, and how far each block moves them), so a
-drift shows where it starts and in which layers. The pass checkpoints its state and resumes.
+drift shows where it starts and in which layers. The pass checkpoints its state (also at its end) and resumes, so a
+deeper run continues a shallower one.
 
 sink and bswa have a bounded receptive field: a token's output depends on the sinks and on the last L·m blocks
 (each layer reaches m blocks further back), so their state at depth N is computed exactly from the sinks plus the
@@ -151,6 +152,9 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
         state = rt.state_from_bytes(ckpt.read_bytes())[0]
         pos = int(state.n_tokens[0])
         print(f"{system}: resuming at {pos} tokens", flush=True)
+        todo = [d for d in todo if d >= pos]
+    if not todo:
+        return
     end = todo[-1] + WINDOW
     ids = torch.tensor(stream[:end + 1], device=rt.device)
     windows = {d: [0, 0] for d in todo}
@@ -176,7 +180,7 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
         if time.time() - t_ckpt > 300 and not any(d <= b < d + WINDOW for d in todo):  # never inside a window
             ckpt.write_bytes(rt.state_to_bytes(state))
             t_ckpt = time.time()
-    ckpt.unlink(missing_ok=True)
+    ckpt.write_bytes(rt.state_to_bytes(state))  # a deeper run later resumes from here
 
 
 def cells(path: Path = CELLS) -> list[dict]:
