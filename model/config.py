@@ -113,15 +113,10 @@ class FamConfig:
     # next-token loss collapse to chance after ~12 blocks; updating only from layer 12 on stays within 0.5 nats of a
     # never-updated state over 64 blocks.
     fam_update_from: int = 0
-    fam_update_until: int | None = None  # layers from this one on keep their initial state too (None: none do)
     # Each update keeps this fraction of its move away from the initial state: F = F0 + g·(F_new - F0). 1 is the
     # paper's update; below 1 the state forgets with a horizon of ~1/(1-g) blocks and its distance from F0 stays
     # bounded (an unbounded state drifts out of what training showed the layers: docs/depth.md).
     fam_gate: float = 1.0
-    # Rescale each updated feedback row to the RMS of the same row of the initial state (the layer's own input
-    # scale). Unbounded, a feedback row passes through its layer once per block, like a residual stream hundreds
-    # of layers deep: with the bundled adapter the top layers' rows grow ~3x in RMS over 30 blocks (docs/depth.md).
-    fam_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -160,6 +155,4 @@ class FamConfig:
                 "fam_len": self.F, "sink_tokens": self.n_sinks,
                 "zero_first_residual": self.zero_first_residual and self.F > 0,
                 "fam_update_from": self.fam_update_from if self.F else 0,
-                **({"fam_update_until": self.fam_update_until} if self.fam_update_until is not None and self.F else {}),
-                **({"fam_gate": self.fam_gate} if self.fam_gate != 1.0 and self.F else {}),
-                **({"fam_norm": True} if self.fam_norm and self.F else {})}  # absent when off: older states load
+                **({"fam_gate": self.fam_gate} if self.fam_gate != 1.0 and self.F else {})}  # absent at 1

@@ -228,7 +228,6 @@ class FamLM(nn.Module):
         h = self.embed_tokens(tokens)  # [b, T, d]
         # the first update of a fresh state may use a zero residual (FamConfig.zero_first_residual)
         keep = (~(state.fam_fresh & cfg.zero_first_residual)).to(dt)[:, None, None]
-        fam_rms = _rms(self.initial_fam()) if cfg.fam_norm and fam_rows else None  # [L, F, 1]
         fam0 = self.initial_fam() if cfg.fam_gate != 1.0 and fam_rows else None  # [L, F, d]
         new_k, new_v, new_fam = [], [], []
         tok_cos, tok_sin = cos[:, :, fam_rows:], sin[:, :, fam_rows:]
@@ -236,8 +235,7 @@ class FamLM(nn.Module):
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             fam_in = state.fam[:, li]
-            # layers outside [fam_update_from, fam_update_until) keep their state
-            r = fam_rows if cfg.fam_update_from <= li < (cfg.fam_update_until or self.arch.num_layers) else 0
+            r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
             x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
             xn = layer.input_layernorm(x)
             q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
@@ -247,8 +245,6 @@ class FamLM(nn.Module):
             resid = torch.cat((fam_in * keep, h), 1) if r else h
             y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
             upd = y[:, :r]
-            if r and fam_rms is not None:
-                upd = upd * (fam_rms[li] / _rms(upd)).to(dt)
             if r and fam0 is not None:
                 upd = fam0[li] + cfg.fam_gate * (upd - fam0[li])
             new_fam.append(upd if r else fam_in)
@@ -294,11 +290,6 @@ class FamLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()
-
-
-def _rms(x: Tensor) -> Tensor:
-    """Root mean square over the last axis, in float32, keeping that axis."""
-    return x.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
 
 
 def _mask(nf: int, S: int, T: int, block_start: int, fam_rows: int, device: torch.device) -> Tensor | None:
