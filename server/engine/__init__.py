@@ -5,6 +5,7 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
 from server.engine.jobs import Failed, Finished, GenerationResult, IngestJob, Job, Progress, TextDelta
+from server.engine.store import SessionInfo
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "Failed", "Finished", "GenerationResult", "IngestJob", "Job",
-           "Progress", "TextDelta"]
+           "Progress", "SessionInfo", "TextDelta"]

@@ -57,7 +57,7 @@ from server.engine.errors import (
     TooManySessions,
 )
 from server.engine.jobs import ExportJob, ForkJob, GenerateJob, IngestJob, Job
-from server.engine.store import Session, SessionStore, new_session_id
+from server.engine.store import Session, SessionInfo, SessionStore, new_session_id
 
 log = logging.getLogger(__name__)
 
@@ -154,22 +154,25 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- sessions
 
-    def session_info(self, s: Session) -> dict[str, Any]:
-        return {"id": s.id, "object": "session", "mode": s.mode, "model": self.rt.name, "tokens": s.tokens,
-                "state_bytes": s.state_bytes, "created": s.created, "metadata": s.metadata}
+    @property
+    def model_name(self) -> str:
+        return self.rt.name
 
-    def get_session(self, owner: str, session_id: str) -> dict[str, Any]:
+    def session_info(self, s: Session) -> SessionInfo:
+        return s.info(self.rt.name)
+
+    def get_session(self, owner: str, session_id: str) -> SessionInfo:
         return self.session_info(self.store.get(session_id, owner))
 
-    def list_sessions(self, owner: str) -> list[dict[str, Any]]:
+    def list_sessions(self, owner: str) -> list[SessionInfo]:
         return [self.session_info(s) for s in self.store.list(owner)]
 
-    async def create_session(self, owner: str, mode: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
+    async def create_session(self, owner: str, mode: str | None, metadata: dict[str, Any]) -> SessionInfo:
         mode = mode or self.default_mode
         if mode not in MODES:
             raise InvalidRequest(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}", param="mode")
 
-        def create() -> dict[str, Any]:
+        def create() -> SessionInfo:
             self.check_session_room()
             s = Session(id=new_session_id(), owner=owner, mode=mode, created=int(time.time()), metadata=metadata)
             s.set_state(self.rt.new_state(mode=mode))
@@ -183,8 +186,8 @@ class Engine:
         stops at its next block."""
         await self._call(lambda: self.store.remove(self.store.get(session_id, owner)))
 
-    async def import_snapshot(self, owner: str, data: bytes) -> dict[str, Any]:
-        def load() -> dict[str, Any]:
+    async def import_snapshot(self, owner: str, data: bytes) -> SessionInfo:
+        def load() -> SessionInfo:
             state, record = self.store.unpack(data)
             self.check_session_room()
             s = Session(id=new_session_id(), owner=owner, mode=state.cfg.mode, created=int(time.time()),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from model import FamState, Generation, SamplingParams
@@ -27,7 +27,7 @@ from server.engine.errors import (
     InvalidRequest,
     SessionNotFound,
 )
-from server.engine.store import Session, new_session_id
+from server.engine.store import Session, SessionInfo, new_session_id
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -179,7 +179,7 @@ class IngestJob(Job):
                                            "document", param="Idempotency-Key")
             if record["status"] == "done":
                 self.replayed = True
-                self.finish(record["result"])
+                self.finish(SessionInfo.from_record(record["result"]))
                 return
             self.doc_base = record["doc_tokens_done"]
             prefix = []
@@ -212,7 +212,7 @@ class IngestJob(Job):
             s.turn = Turn.USER
             result = eng.session_info(s)
             if self.key:
-                s.idempotency[self.key].update(status="done", result=result)
+                s.idempotency[self.key].update(status="done", result=asdict(result))
             eng.store.persist(s)
             self.finish(result)
         elif time.monotonic() - self._saved_at >= eng.config.checkpoint_seconds:

@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,24 @@ def new_session_id() -> str:
     return "sess_" + uuid.uuid4().hex[:24]
 
 
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the engine tells about a session (the HTTP layer turns it into the API's session object)."""
+
+    id: str
+    mode: str
+    model: str  # the model that holds its state
+    tokens: int
+    state_bytes: int
+    created: int
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SessionInfo:
+        """From its fields as stored in an idempotency record (older snapshots stored the API object, a superset)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
+
+
 @dataclass
 class Session:
     id: str
@@ -78,7 +96,8 @@ class Session:
     tokens: int = 0
     state_bytes: int = 0
     turn: Turn = Turn.NONE
-    # Idempotency-Key -> {"digest", "status": "partial" | "done", "doc_tokens_done", "result"}; oldest first
+    # Idempotency-Key -> {"digest", "status": "partial" | "done", "doc_tokens_done", "result": SessionInfo fields};
+    # oldest first
     idempotency: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     state: FamState | None = None  # None: spilled; the snapshot file holds it
     dirty: bool = False  # the state in memory is newer than the file
@@ -91,6 +110,10 @@ class Session:
         return {"id": self.id, "owner": self.owner, "mode": self.mode, "created": self.created,
                 "metadata": self.metadata, "tokens": self.tokens, "state_bytes": self.state_bytes,
                 "turn": str(self.turn), "idempotency": list(self.idempotency.items())}
+
+    def info(self, model: str) -> SessionInfo:
+        return SessionInfo(id=self.id, mode=self.mode, model=model, tokens=self.tokens, state_bytes=self.state_bytes,
+                           created=self.created, metadata=self.metadata)
 
     def set_state(self, state: FamState) -> None:
         self.state, self.dirty = state, True

@@ -28,7 +28,7 @@ async def completions(req: CompletionRequest, request: Request, engine: EngineDe
     prompt = req.prompt_text_or_ids()
     ids = await engine.tokenize(prompt) if isinstance(prompt, str) else prompt
     job = engine.generate(owner, req.sampling_params(), session_id=req.session_id, commit=req.commit, prompt_ids=ids)
-    return await _respond(Reply("cmpl", "text_completion", engine.rt.name, chat=False), job, request, req.stream,
+    return await _respond(Reply("cmpl", "text_completion", engine.model_name, chat=False), job, request, req.stream,
                           req.include_usage)
 
 
@@ -36,7 +36,7 @@ async def completions(req: CompletionRequest, request: Request, engine: EngineDe
 async def chat_completions(req: ChatRequest, request: Request, engine: EngineDep, owner: OwnerDep) -> Any:
     job = engine.generate(owner, req.sampling_params(), session_id=req.session_id, commit=req.commit,
                           messages=req.template_messages())
-    return await _respond(Reply("chatcmpl", "chat.completion", engine.rt.name, chat=True), job, request, req.stream,
+    return await _respond(Reply("chatcmpl", "chat.completion", engine.model_name, chat=True), job, request, req.stream,
                           req.include_usage)
 
 
