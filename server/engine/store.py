@@ -25,18 +25,16 @@ import struct
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from hashlib import sha256
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model import FamRuntime, FamState, StateMismatchError
 from server.engine.chat import Turn
 from server.engine.errors import EngineFailure, InvalidSnapshot, SessionNotFound
-
-if TYPE_CHECKING:
-    from server.engine.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +101,6 @@ class Session:
     dirty: bool = False  # the state in memory is newer than the file
     deleted: bool = False
     last_used: float = field(default_factory=time.monotonic)
-    queue: deque[Job] = field(default_factory=deque)  # jobs in submission order; the head may run
 
     def record(self) -> dict[str, Any]:
         """What the snapshot file keeps besides the tensors."""
@@ -193,16 +190,16 @@ class SessionStore:
                 raise EngineFailure(f"the saved snapshot of session {session.id} cannot be read: {e}") from e
         return session.state
 
-    def enforce_budget(self) -> int:
-        """Spill the least recently used idle sessions until the resident states fit the budget. Returns the
-        number spilled. A session is idle when no job waits on it and its file is current."""
+    def enforce_budget(self, idle: Callable[[str], bool]) -> int:
+        """Spill the least recently used sessions that are `idle` (by id: no job waits on them) and whose file is
+        current, until the resident states fit the budget. Returns the number spilled."""
         resident = sorted(self.resident(), key=lambda s: s.last_used)
         total = sum(s.state_bytes for s in resident)
         spilled = 0
         for s in resident:
             if total <= self.budget:
                 break
-            if s.queue or s.dirty:
+            if s.dirty or not idle(s.id):
                 continue
             s.state = None
             total -= s.state_bytes

@@ -149,6 +149,27 @@ def test_batched_states_match_single(tiny_dirs):
         FamState.stack([a, m.ingest(a, nxt[:1, :3])[0]])
 
 
+@pytest.mark.parametrize("fam_update_from", [0, 1])
+@torch.no_grad()
+def test_forward_many_matches_one_by_one(tiny_dirs, fam_update_from):
+    """Documents in different modes and at different fills of their block (decoding one token, a chunk, a chunk
+    that completes the block, a fresh state) run as one ragged pass with the results of running them alone."""
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4,
+             fam_update_from=fam_update_from)
+    g = torch.Generator().manual_seed(7)
+    states = []
+    for n, mode in [(48, "fam"), (83, "fam"), (5, "bswa"), (15, "sink"), (30, "full"), (0, "fam")]:
+        s = m.new_state(mode=mode)
+        states.append(m.ingest(s, torch.randint(0, 211, (1, n), generator=g))[0] if n else s)
+    chunks = [torch.randint(0, 211, (min(k, 16 - s.n_block),), generator=g)
+              for k, s in zip([1, 13, 11, 1, 2, 16], states, strict=True)]
+    assert any(s.n_block + len(c) == 16 for s, c in zip(states, chunks, strict=True))  # some blocks complete
+    for s, c, (batched, h) in zip(states, chunks, m.forward_many(states, chunks), strict=True):
+        alone, h_alone = m.forward_chunk(s, c[None])
+        torch.testing.assert_close(h, h_alone, atol=1e-5, rtol=1e-4)
+        assert_states_equal(batched, alone)
+
+
 def test_gradient_reaches_prompt_through_blocks(tiny_dirs):
     """Training path: the loss on block 3 back-propagates through the FAM updates of blocks 0-2 to P."""
     m = tiny(tiny_dirs["llama"], mode="fam", block_size=8, memory_blocks=0, fam_len=4)

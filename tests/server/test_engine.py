@@ -33,7 +33,7 @@ def run(coro):
 
 
 def config(data_dir: Path, **kw) -> EngineConfig:
-    return EngineConfig(data_dir=data_dir, secret=b"s", time_slice_seconds=0, **kw)
+    return EngineConfig(data_dir=data_dir, secret=b"s", **kw)
 
 
 def doc_of(ids: list[int]) -> TokenizedDocument:
@@ -188,10 +188,10 @@ class FlakyRuntime:
     def __getattr__(self, name):
         return getattr(self._rt, name)
 
-    def ingest_block(self, state, ids):
-        if POISON in list(ids)[:BLOCK - state.n_block]:
+    def forward_many(self, states, ids):
+        if any(POISON in chunk for chunk in ids):
             raise RuntimeError("simulated model failure")
-        return self._rt.ingest_block(state, ids)
+        return self._rt.forward_many(states, ids)
 
 
 def test_model_exception_fails_only_its_request(tmp_path, tiny_runtime):
@@ -303,3 +303,61 @@ def test_shutdown_ends_running_and_waiting_jobs_and_saves(tmp_path, tiny_runtime
     outcomes, tokens = run(main())
     assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
     assert 0 < tokens < 200 * BLOCK and tokens % BLOCK == 0  # saved at the last committed block
+
+
+def test_a_batched_step_equals_the_sessions_one_by_one(tiny_runtime):
+    """The executor's one pass over works of several sessions (decoding at different fills of their block, one
+    completing its block, a prompt chunk) gives each the state and logits it gets alone."""
+    from server.engine.executor import Executor
+    from server.engine.work import Work
+
+    rt = tiny_runtime
+    with torch.inference_mode():
+        states = [rt.ingest(rt.new_state(mode=mode), words(n, rt))[0]
+                  for n, mode in [(3 * BLOCK + 2, "fam"), (BLOCK - 1, "fam"), (7, "sink"), (20, "bswa")]]
+        works = [Work(states[0], words(1, rt), "last"), Work(states[1], words(1, rt, 2), "last"),
+                 Work(states[2], words(5, rt, 1), "all"), Work(states[3], words(3, rt, 4), "none")]
+        outputs = Executor(rt).run(works)
+        for w, out in zip(works, outputs, strict=True):
+            ((alone, h),) = rt.forward_many([w.state], [w.tokens])
+            reference, logits = rt.ingest(w.state, w.tokens)
+            torch.testing.assert_close(out.state.fam, reference.fam, atol=1e-5, rtol=1e-4)
+            for a, b in zip(out.state.k + out.state.v, reference.k + reference.v, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            assert out.state.layout() == reference.layout()
+            if w.logits == "last":
+                torch.testing.assert_close(out.logits, logits[0], atol=1e-4, rtol=1e-4)
+            elif w.logits == "all":
+                torch.testing.assert_close(out.logits, rt.logits(h), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(out.logits[-1], logits[0], atol=1e-4, rtol=1e-4)
+            else:
+                assert out.logits is None
+    assert outputs[1].state.n_block == 0  # that one completed its block inside the batch
+
+
+def test_concurrent_generations_decode_in_one_batch(tmp_path, tiny_runtime):
+    """Four greedy chats on four sessions give the answers each gives alone, and their tokens were computed
+    in shared passes (continuous batching)."""
+    questions = [[{"role": "user", "content": q}] for q in ("Hi", "What is this?", "Go on", "Why?")]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def main():
+        eng = await started(Engine(tiny_runtime, config(tmp_path)))
+        sids = []
+        for i in range(4):
+            sid = (await eng.create_session("", None, {})).id
+            await eng.ingest("", sid, doc_of(words(BLOCK + 5 * i, tiny_runtime, i)), None).result()
+            sids.append(sid)
+        alone = [(await eng.generate("", params, session_id=sid, messages=q).result()).text
+                 for sid, q in zip(sids, questions, strict=True)]
+        sizes: list[int] = []
+        run_works = eng.executor.run
+        eng.executor.run = lambda works: sizes.append(len(works)) or run_works(works)
+        jobs = [eng.generate("", params, session_id=sid, messages=q) for sid, q in zip(sids, questions, strict=True)]
+        together = [r.text for r in await asyncio.gather(*(j.result() for j in jobs))]
+        await eng.stop()
+        return alone, together, sizes
+
+    alone, together, sizes = run(main())
+    assert together == alone
+    assert max(sizes) == 4 and sizes.count(4) >= params.max_tokens - 1  # all four decode in the same steps
