@@ -52,6 +52,14 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class Echoed:
+    """The prompt, once it is read (echo): its text and, with logprobs, its tokens (the first has logprob None)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None
+
+
+@dataclass(frozen=True)
 class Finished:
     result: Any
 
@@ -61,7 +69,7 @@ class Failed:
     error: EngineError
 
 
-Event = Progress | TextDelta | Finished | Failed
+Event = Progress | TextDelta | Echoed | Finished | Failed
 
 
 @dataclass(frozen=True)
@@ -371,9 +379,13 @@ class GenerateJob(Job):
         if g.done:  # the last sampled token is in: the turn is complete
             self._end_turn(ctx)
             return
+        was_prompt = not g.prompt_done
         piece = g.accept(int(out.state.n_tokens[0] - before.n_tokens[0]), out.logits)
-        if g.prompt_done:  # accept sampled a token
-            ctx.stats.tokens_generated += 1
+        if not g.prompt_done:
+            return
+        ctx.stats.tokens_generated += 1  # accept sampled a token
+        if was_prompt and self.echo:
+            self.post(Echoed(ctx.decode(g.prompt_ids), tuple(g.prompt_logprobs) if g.want_prompt_logprobs else None))
         self._unsent += g.logprobs[self._logprobs_seen:]
         self._logprobs_seen = len(g.logprobs)
         if piece or (g.done and self._unsent):
