@@ -67,7 +67,19 @@ class Attention(nn.Module):
 
     def heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Attention per head: q [b, H, R, hd], k/v [b, KV, C, hd] -> [b, H, R, hd]."""
+        if q.shape[2] == 1 and mask is None and q.dtype != torch.float32:
+            return self.one_query(q, k, v)
         return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+
+    def one_query(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """A decoded token's attention as two small matmuls per kv head, the grouped query heads side by side.
+        Measured on the 2-thread CPU at 545 cached keys, bf16: 172 us against 848 us for PyTorch's CPU SDPA
+        kernel (which is faster in float32: 73 us, so float32 keeps it)."""
+        b, g = q.shape[0], self.n_heads // self.n_kv
+        qg = q.reshape(b, self.n_kv, g, self.head_dim)  # query head h reads kv head h // g
+        scores = (qg @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # [b, KV, g, C]
+        o = torch.softmax(scores, -1).to(v.dtype) @ v  # [b, KV, g, hd]
+        return o.reshape(b, self.n_heads, 1, self.head_dim)
 
     def out(self, o: Tensor) -> Tensor:
         """[b, H, R, hd] -> [b, R, d]."""

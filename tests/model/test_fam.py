@@ -170,6 +170,18 @@ def test_forward_many_matches_one_by_one(tiny_dirs, fam_update_from):
         assert_states_equal(batched, alone)
 
 
+def test_one_query_attention_equals_sdpa(tiny_dirs):
+    """The decode path's attention (bf16 and other non-float32 dtypes) is scaled dot-product attention."""
+    attn = tiny(tiny_dirs["llama"]).layers[0].self_attn
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, attn.n_heads, 1, attn.head_dim, generator=g)
+    k, v = (torch.randn(2, attn.n_kv, 37, attn.head_dim, generator=g) for _ in range(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(attn.one_query(q, k, v), ref, atol=1e-6, rtol=1e-5)
+    fast = attn.heads(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    torch.testing.assert_close(fast.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_gradient_reaches_prompt_through_blocks(tiny_dirs):
     """Training path: the loss on block 3 back-propagates through the FAM updates of blocks 0-2 to P."""
     m = tiny(tiny_dirs["llama"], mode="fam", block_size=8, memory_blocks=0, fam_len=4)
