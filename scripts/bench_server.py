@@ -141,7 +141,7 @@ def run_round(args: argparse.Namespace, n: int) -> dict[str, float]:
             tokens = sum(r["tokens"] for r in results)
             return {"sessions": n, "ingest_tok_s": tokens / wall, "wall_s": wall, "ttft_idle": statistics.median(idle),
                     "ttft_p50": statistics.median(loaded), "ttft_max": max(loaded), "answers": len(loaded),
-                    "ttft_p95": statistics.quantiles(loaded, n=20)[-1] if len(loaded) > 1 else loaded[0],
+                    "ttft_p95": statistics.quantiles(loaded, n=20, method="inclusive")[-1] if len(loaded) > 1 else loaded[0],
                     "state_bytes": statistics.mean(r["state_bytes"] for r in results),
                     "rss_per_session": (rss_after - rss_before) / n}
         finally:
