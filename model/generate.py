@@ -19,7 +19,7 @@ from model.state import FamState
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int = 256  # 0: read (and score) the prompt only
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -28,8 +28,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -181,6 +181,9 @@ class Generation:
                 return ""
         else:
             self.pending = None
+        if self.params.max_tokens == 0:  # the prompt only
+            self.finish_reason = "length"
+            return ""
         assert logits is not None
         logits = logits.reshape(-1)
         tok = sample(logits, self.params, self._gen)

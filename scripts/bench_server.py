@@ -139,9 +139,10 @@ def run_round(args: argparse.Namespace, n: int) -> dict[str, float]:
             asker.join()
             rss_after = rss_bytes(proc.pid)
             tokens = sum(r["tokens"] for r in results)
+            p95 = statistics.quantiles(loaded, n=20, method="inclusive")[-1] if len(loaded) > 1 else loaded[0]
             return {"sessions": n, "ingest_tok_s": tokens / wall, "wall_s": wall, "ttft_idle": statistics.median(idle),
                     "ttft_p50": statistics.median(loaded), "ttft_max": max(loaded), "answers": len(loaded),
-                    "ttft_p95": statistics.quantiles(loaded, n=20, method="inclusive")[-1] if len(loaded) > 1 else loaded[0],
+                    "ttft_p95": p95,
                     "state_bytes": statistics.mean(r["state_bytes"] for r in results),
                     "rss_per_session": (rss_after - rss_before) / n}
         finally:

@@ -118,6 +118,7 @@ class _Generation(_Body):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
@@ -150,7 +151,7 @@ class CompletionRequest(_Generation):
         return p if isinstance(p, str) else list(p)
 
     def sampling_params(self) -> SamplingParams:
-        return self.sampling(self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
+        return self.sampling(DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens)
 
 
 class TextPart(_Body):

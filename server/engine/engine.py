@@ -211,6 +211,8 @@ class Engine:
         if params.max_tokens > self.config.max_tokens:
             raise InvalidRequest(f"max_tokens is {params.max_tokens}; this server allows at most "
                                  f"{self.config.max_tokens}", param="max_tokens")
+        if params.max_tokens == 0 and not echo:
+            raise InvalidRequest("max_tokens=0 returns nothing without echo", param="max_tokens")
         if logprobs is not None and not 0 <= logprobs <= self.config.max_logprobs:
             raise InvalidRequest(f"logprobs takes 0..{self.config.max_logprobs} alternatives", param="logprobs")
         if prompt_ids is not None:

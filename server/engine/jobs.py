@@ -383,7 +383,8 @@ class GenerateJob(Job):
         piece = g.accept(int(out.state.n_tokens[0] - before.n_tokens[0]), out.logits)
         if not g.prompt_done:
             return
-        ctx.stats.tokens_generated += 1  # accept sampled a token
+        if g.pending is not None:  # accept sampled a token
+            ctx.stats.tokens_generated += 1
         if was_prompt and self.echo:
             self.post(Echoed(ctx.decode(g.prompt_ids), tuple(g.prompt_logprobs) if g.want_prompt_logprobs else None))
         self._unsent += g.logprobs[self._logprobs_seen:]

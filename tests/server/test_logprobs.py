@@ -111,3 +111,19 @@ def test_chat_logprobs_and_top_logprobs(make_client, wide_block_runtime, events)
     # logprobs without top_logprobs: the tokens' own only
     (plain,) = client.post("/v1/chat/completions", json={**request, "top_logprobs": None}).json()["choices"]
     assert all(c["top_logprobs"] == [] for c in plain["logprobs"]["content"])
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(make_client, wide_block_runtime):
+    """What evaluation harnesses send to score a text: echo, logprobs, max_tokens 0."""
+    client = make_client(wide_block_runtime)
+    eng = client.app.state.engine
+    ids = eng.encode(PROMPT)
+    _, _, prompt_lps = reference(wide_block_runtime, eng.default_mode, ids, 0)
+    body = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "logprobs": 1,
+                                                "echo": True}).json()
+    (choice,) = body["choices"]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] == len(ids)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [eng.decode([t]) for t in ids] and lp["token_logprobs"][0] is None
+    assert close(lp["token_logprobs"][1:], prompt_lps)
