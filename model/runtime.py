@@ -112,6 +112,16 @@ class FamRuntime:
         state, h = self.module.forward_chunk(state, t[:, :n])
         return state, n, h[:, -1]
 
+    def forward_many(self, states: list[FamState], ids: list[list[int]]) -> list[tuple[FamState, Tensor]]:
+        """One pass over several documents (states of batch 1, each with a chunk inside its current block; see
+        `FamLM.forward_many`). Returns per document the new state and the final-normed hidden states [T_i, d]."""
+        toks = [torch.as_tensor(i, dtype=torch.long, device=self.device) for i in ids]
+        return [(s, h[0]) for s, h in self.module.forward_many(states, toks)]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden states [..., d] -> float32 logits [..., V]."""
+        return self.module.logits(hidden)
+
     # ---------------------------------------------------------------------------------------------- persistence
 
     def state_fingerprint(self, cfg: FamConfig) -> dict[str, Any]:

@@ -7,12 +7,20 @@ For each N (default 1, 4, 16) a fresh `fam-server` process is started (so its me
   - aggregate ingest tokens/s = N x tokens / wall time of the ingest phase;
   - RSS growth per session (server process, from /proc, after a warm-up ingest) against `state_bytes`.
 
-Prints a markdown table. A short run:  python scripts/bench_server.py --sessions 1,4 --ingest-tokens 1024
+With --streams N (e.g. 8) it measures instead, on one server, the aggregate decode rate of streaming chats:
+one stream alone, then N concurrent streams on N sessions (each holding a short document), each asking for
+--stream-tokens tokens (ignore_eos); aggregate tok/s = completion tokens of all streams / wall time from the
+first request sent to the last stream ended. The engine decodes concurrent streams in one batched pass per token.
+
+Prints a markdown table. Short runs:
+    python scripts/bench_server.py --sessions 1,4 --ingest-tokens 1024
+    python scripts/bench_server.py --streams 8 --stream-tokens 32
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -60,6 +68,8 @@ def start_server(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.Po
     if args.mode:
         cmd += ["--mode", args.mode]
     env = {**os.environ, "FAM_LOG_LEVEL": "warning", "FAM_MAX_QUEUE": "256"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     env.pop("FAM_API_KEYS", None)
     proc = subprocess.Popen(cmd, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -129,13 +139,67 @@ def run_round(args: argparse.Namespace, n: int) -> dict[str, float]:
             asker.join()
             rss_after = rss_bytes(proc.pid)
             tokens = sum(r["tokens"] for r in results)
+            p95 = statistics.quantiles(loaded, n=20, method="inclusive")[-1] if len(loaded) > 1 else loaded[0]
             return {"sessions": n, "ingest_tok_s": tokens / wall, "wall_s": wall, "ttft_idle": statistics.median(idle),
                     "ttft_p50": statistics.median(loaded), "ttft_max": max(loaded), "answers": len(loaded),
+                    "ttft_p95": p95,
                     "state_bytes": statistics.mean(r["state_bytes"] for r in results),
                     "rss_per_session": (rss_after - rss_before) / n}
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+
+
+def stream_chat(base: str, sid: str, max_tokens: int) -> tuple[float, float, int]:
+    """A streamed chat on a session -> (seconds to first content, seconds to the end, completion tokens)."""
+    body = {"messages": QUESTION, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "session_id": sid, "stream_options": {"include_usage": True}}
+    start, first, tokens = time.perf_counter(), None, 0
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=3600) as r:
+        for line in r.iter_lines():
+            if first is None and '"content"' in line and '"content": ""' not in line:
+                first = time.perf_counter() - start
+            if '"usage": {' in line:
+                tokens = json.loads(line.removeprefix("data:").strip())["usage"]["completion_tokens"]
+    assert first is not None and tokens, "the stream produced no content"
+    return first, time.perf_counter() - start, tokens
+
+
+def run_streams(args: argparse.Namespace) -> None:
+    n = args.streams
+    with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
+        proc, base = start_server(args, data_dir)
+        try:
+            sids = [httpx.post(f"{base}/v1/sessions").json()["id"] for _ in range(n)]
+            for i, sid in enumerate(sids):  # documents of different lengths: blocks at different fills
+                text = document(base, args.stream_doc_tokens + 37 * i, i)
+                httpx.post(f"{base}/v1/sessions/{sid}/ingest", json={"text": text}, timeout=3600).raise_for_status()
+            stream_chat(base, sids[0], 4)  # warm-up
+            rows = []
+            for k in (1, n):
+                results: list[tuple[float, float, int]] = []
+
+                def one(sid: str, out: list[tuple[float, float, int]] = results) -> None:
+                    out.append(stream_chat(base, sid, args.stream_tokens))
+
+                threads = [threading.Thread(target=one, args=(sid,)) for sid in sids[:k]]
+                start = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - start
+                tokens = sum(r[2] for r in results)
+                rows.append((k, tokens / wall, statistics.median(r[0] for r in results), wall, tokens))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    print(f"\nstreaming chats of {args.stream_tokens} tokens on sessions holding ~{args.stream_doc_tokens} tokens, "
+          f"dtype {args.dtype}, {args.threads or os.cpu_count()} threads\n")
+    print("| concurrent streams | aggregate tok/s | vs 1 stream | TTFT p50 s | wall s | tokens |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for k, rate, first, wall, tokens in rows:
+        print(f"| {k} | {rate:.1f} | {rate / rows[0][1]:.2f}x | {first:.2f} | {wall:.1f} | {tokens} |")
 
 
 def main() -> None:
@@ -147,16 +211,24 @@ def main() -> None:
     p.add_argument("--mode", help="session mode (default: the server's)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the server (default: torch's)")
+    p.add_argument("--streams", type=int, default=0, help="measure N concurrent streaming chats vs one instead")
+    p.add_argument("--stream-tokens", type=int, default=32, help="completion tokens per streamed chat")
+    p.add_argument("--stream-doc-tokens", type=int, default=300, help="document tokens per streaming session")
     args = p.parse_args()
+    if args.streams:
+        run_streams(args)
+        return
     rows = [run_round(args, int(n)) for n in args.sessions.split(",")]
     print(f"\n{args.ingest_tokens} tokens per session, answers of {args.answer_tokens} tokens, dtype {args.dtype}, "
           f"{os.cpu_count()} CPUs\n")
     print("| sessions ingesting | aggregate ingest tok/s | ingest wall s | TTFT idle s | TTFT under load p50 s "
-          "| TTFT max s | answers | state_bytes / session | RSS growth / session |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| TTFT p95 s | TTFT max s | answers | state_bytes / session | RSS growth / session |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['sessions']} | {r['ingest_tok_s']:.0f} | {r['wall_s']:.1f} | {r['ttft_idle']:.2f} "
-              f"| {r['ttft_p50']:.2f} | {r['ttft_max']:.2f} | {r['answers']} | {r['state_bytes'] / 2**20:.1f} MiB "
+              f"| {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {r['ttft_max']:.2f} | {r['answers']} "
+              f"| {r['state_bytes'] / 2**20:.1f} MiB "
               f"| {r['rss_per_session'] / 2**20:.1f} MiB |")
 
 

@@ -2,7 +2,7 @@
 types. Responses are plain dicts built in the routes (they follow OpenAI's shapes exactly).
 
 OpenAI fields this server cannot honour are refused when set to anything but their neutral value (n != 1,
-logprobs, echo, best_of > 1, suffix, penalties, logit_bias, tools): a silent fallback would give answers the
+best_of > 1, suffix, penalties, logit_bias, tools): a silent fallback would give answers the
 client did not ask for. Unknown fields are ignored, as OpenAI-compatible servers usually do.
 """
 
@@ -17,6 +17,7 @@ from model.config import MODES
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI: up to 5 for completions, 20 for chat)
 
 
 def _refuse_unless_neutral(value: Any, info: ValidationInfo) -> Any:
@@ -117,8 +118,9 @@ class _Generation(_Body):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -130,7 +132,7 @@ class CompletionRequest(_Generation):
                 raise ValueError("only one prompt per request is supported")
         return v
 
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _neutral_completion(cls, v: Any, info: ValidationInfo) -> Any:
         return _refuse_unless_neutral(v, info)
@@ -149,7 +151,7 @@ class CompletionRequest(_Generation):
         return p if isinstance(p, str) else list(p)
 
     def sampling_params(self) -> SamplingParams:
-        return self.sampling(self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
+        return self.sampling(DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens)
 
 
 class TextPart(_Body):
@@ -174,13 +176,24 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("logprobs", "tools")
+    @field_validator("tools")
     @classmethod
     def _neutral_chat(cls, v: Any, info: ValidationInfo) -> Any:
         return _refuse_unless_neutral(v, info)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    def logprobs_count(self) -> int | None:
+        """None: no logprobs; else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("response_format")
     @classmethod

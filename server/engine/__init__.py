@@ -1,10 +1,12 @@
 """The inference engine: sessions, their snapshots, documents, and the model worker that schedules work across
 sessions. No HTTP here: the server package adapts this interface to routes (see `server.app`)."""
 
+from model.generate import TokenLogprob
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
-from server.engine.jobs import Failed, Finished, GenerationResult, IngestJob, Job, Progress, TextDelta
+from server.engine.jobs import Echoed, Failed, Finished, GenerationResult, IngestJob, Job, Progress, TextDelta
+from server.engine.store import SessionInfo
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "Failed", "Finished", "GenerationResult", "IngestJob", "Job",
-           "Progress", "TextDelta"]
+__all__ = ["Echoed", "Engine", "EngineConfig", "EngineError", "Failed", "Finished", "GenerationResult", "IngestJob",
+           "Job", "Progress", "SessionInfo", "TextDelta", "TokenLogprob"]

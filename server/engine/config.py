@@ -17,8 +17,11 @@ class EngineConfig:
     max_pdf_pages: int = 2000
     memory_budget_bytes: int = 2 * 2**30  # sum of resident states' nbytes; idle sessions above it spill to disk
     checkpoint_seconds: float = 60.0  # a long ingest saves its session at least this often
-    # Each turn of the round robin runs one job for at least one unit (a block, or a token) and at most this
-    # long, so a decoding request gets several tokens in the time an ingest spends on one block.
-    time_slice_seconds: float = 0.05
+    # One engine step is one batched model pass (see server.engine.scheduler): generations first, at most
+    # `step_tokens` tokens between them (each decoding session feeds one), then one ingest slice of at most
+    # `bulk_tokens_busy` tokens while generations run, else of at most `step_tokens` (a block at the default).
+    step_tokens: int = 256
+    bulk_tokens_busy: int = 32
+    max_logprobs: int = 20  # alternatives per token that logprobs / top_logprobs may ask for
     max_idempotency_keys: int = 256  # remembered per session (oldest forgotten first)
     queue_retry_after: int = 2  # seconds, sent with queue_full

@@ -1,23 +1,19 @@
 """The engine: one model worker thread and the async operations the HTTP layer calls.
 
-The worker loop is schedule -> execute -> commit:
+The worker loop is schedule -> execute -> commit, one batched model pass per step:
 
-    schedule  run the quick calls that arrived (create, delete, import, job submissions), then take the next
-              ready job. A job is ready when it is at the head of its session's queue (reading jobs leave the
-              queue once they hold their copy of the state) or has no session. Interactive jobs (generation,
-              fork, export) go first: after each slice of bulk work (ingest), every interactive job that was
-              waiting gets a slice; ingests share the rest round robin. So a question waits for at most one
-              ingest block, however many sessions are ingesting, and every ingest still advances each round.
-    execute   `job.step()` for one time slice: at least one unit (one block of an ingest or a prompt, or one
-              sampled token), more units while the slice lasts. An interactive slice lasts as long as the
-              last bulk slice took (at least `time_slice_seconds`): a question's prompt and first tokens fit
-              in one slice, and interactive and bulk work alternate with equal time.
-    commit    the job commits into its session (an ingest after every block, a committed generation at its
-              end) and saves the snapshot when an operation completes; then the job goes to the back of the
-              ready queue, or retires and hands its session to the next job in line.
+    schedule  run the quick calls that arrived (create, delete, import), queue the submitted jobs and start those
+              at the head of their session's queue; then `Scheduler.schedule` picks the step's jobs and how many
+              tokens each feeds (every generating session one token, prompts a chunk, one ingest a slice: see
+              `server.engine.scheduler` for the exact rule and its fairness bound).
+    execute   each picked job plans a `Work` (state, tokens, which logits); the `Executor` runs them all in one
+              pass (`FamRuntime.forward_many`) and is the only code that calls the model.
+    commit    each job commits its `Output`: samples, posts events, and (at block boundaries, or at its end)
+              writes the new state into its session and saves the snapshot. Finished jobs retire and hand
+              their session to the next job in line.
 
-A cancelled job stops at the next unit boundary; an exception in a job ends that job only. Every model call
-happens on the worker thread under `torch.inference_mode()`; the event loop only submits and awaits.
+A cancelled job stops before its next step; an exception in a job ends that job only. Every model call happens on
+the worker thread under `torch.inference_mode()`; the event loop only submits and awaits.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from typing import Any
 
 import torch
 
-from model import FamRuntime, FamState, SamplingParams
+from model import FamRuntime, SamplingParams
 from model.config import MODES
 from server.engine.chat import ChatFormat, Turn
 from server.engine.config import EngineConfig
@@ -47,25 +43,20 @@ from server.engine.documents import (
 )
 from server.engine.errors import (
     Cancelled,
-    ContextLengthExceeded,
     EngineError,
     EngineFailure,
     InvalidRequest,
     QueueFull,
     SessionNotFound,
     ShuttingDown,
-    TooManySessions,
 )
-from server.engine.jobs import ExportJob, ForkJob, GenerateJob, IngestJob, Job
-from server.engine.store import Session, SessionStore, new_session_id
+from server.engine.executor import Executor
+from server.engine.jobs import ExportJob, ForkJob, GenerateJob, IngestJob, Job, JobContext
+from server.engine.scheduler import Scheduler
+from server.engine.store import Session, SessionInfo, SessionStore, new_session_id
+from server.engine.work import Work
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    tokens_ingested: int = 0  # tokens committed into sessions by ingests
-    tokens_generated: int = 0  # sampled tokens
 
 
 @dataclass(frozen=True)
@@ -87,17 +78,19 @@ class Engine:
         self.store = SessionStore(rt, config.data_dir, config.secret, config.memory_budget_bytes)
         self.chat = ChatFormat(rt.chat_text, rt.decode([rt.tokenizer.eos_token_id]))
         self.default_mode = config.default_mode or DEFAULT_MODE
-        self.stats = EngineStats()
         self._tokenizer_lock = threading.Lock()  # one tokenizer, used from the worker and helper threads
         self._exact_chunks = chunking_is_exact(self.encode_document)
+        self.ctx = JobContext(config=config, store=self.store, chat=self.chat, model_name=rt.name,
+                              context_limit=rt.module.arch.max_position_embeddings, encode=self.encode,
+                              decode=self.decode, new_state=lambda mode: rt.new_state(mode=mode),
+                              eos_ids=rt.eos_token_ids)
+        self.stats = self.ctx.stats
+        self.scheduler = Scheduler(config.step_tokens, config.bulk_tokens_busy)  # worker thread only
+        self.executor = Executor(rt)
         self._cv = threading.Condition()
         self._inbox: deque[Job | _Call] = deque()  # from the event loop to the worker (under _cv)
         self._unfinished = 0  # submitted jobs not yet retired (under _cv)
         self._stopping = False
-        self._ready: deque[Job] = deque()  # interactive jobs, round robin (worker thread only)
-        self._bulk: deque[Job] = deque()  # ingests, round robin (worker thread only)
-        self._owed = 0  # interactive slices due before the next bulk slice
-        self._bulk_seconds = 0.0  # how long the last bulk slice took
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -155,22 +148,25 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- sessions
 
-    def session_info(self, s: Session) -> dict[str, Any]:
-        return {"id": s.id, "object": "session", "mode": s.mode, "model": self.rt.name, "tokens": s.tokens,
-                "state_bytes": s.state_bytes, "created": s.created, "metadata": s.metadata}
+    @property
+    def model_name(self) -> str:
+        return self.rt.name
 
-    def get_session(self, owner: str, session_id: str) -> dict[str, Any]:
+    def session_info(self, s: Session) -> SessionInfo:
+        return s.info(self.rt.name)
+
+    def get_session(self, owner: str, session_id: str) -> SessionInfo:
         return self.session_info(self.store.get(session_id, owner))
 
-    def list_sessions(self, owner: str) -> list[dict[str, Any]]:
+    def list_sessions(self, owner: str) -> list[SessionInfo]:
         return [self.session_info(s) for s in self.store.list(owner)]
 
-    async def create_session(self, owner: str, mode: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
+    async def create_session(self, owner: str, mode: str | None, metadata: dict[str, Any]) -> SessionInfo:
         mode = mode or self.default_mode
         if mode not in MODES:
             raise InvalidRequest(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}", param="mode")
 
-        def create() -> dict[str, Any]:
+        def create() -> SessionInfo:
             self.check_session_room()
             s = Session(id=new_session_id(), owner=owner, mode=mode, created=int(time.time()), metadata=metadata)
             s.set_state(self.rt.new_state(mode=mode))
@@ -184,8 +180,8 @@ class Engine:
         stops at its next block."""
         await self._call(lambda: self.store.remove(self.store.get(session_id, owner)))
 
-    async def import_snapshot(self, owner: str, data: bytes) -> dict[str, Any]:
-        def load() -> dict[str, Any]:
+    async def import_snapshot(self, owner: str, data: bytes) -> SessionInfo:
+        def load() -> SessionInfo:
             state, record = self.store.unpack(data)
             self.check_session_room()
             s = Session(id=new_session_id(), owner=owner, mode=state.cfg.mode, created=int(time.time()),
@@ -208,41 +204,28 @@ class Engine:
         return self._submit(IngestJob(self.store.get(session_id, owner), doc, idempotency_key))
 
     def generate(self, owner: str, params: SamplingParams, *, session_id: str | None = None, commit: bool = False,
-                 messages: list[dict[str, str]] | None = None, prompt_ids: list[int] | None = None) -> GenerateJob:
-        """A chat (messages) or a completion (prompt_ids) against a session, or against an empty state."""
+                 messages: list[dict[str, str]] | None = None, prompt_ids: list[int] | None = None,
+                 logprobs: int | None = None, echo: bool = False) -> GenerateJob:
+        """A chat (messages) or a completion (prompt_ids) against a session, or against an empty state.
+        `logprobs`: return each sampled token's logprob and that many alternatives; `echo` (completions): return
+        the prompt too, with its tokens' logprobs when `logprobs` is set."""
         if params.max_tokens > self.config.max_tokens:
             raise InvalidRequest(f"max_tokens is {params.max_tokens}; this server allows at most "
                                  f"{self.config.max_tokens}", param="max_tokens")
+        if params.max_tokens == 0 and not echo:
+            raise InvalidRequest("max_tokens=0 returns nothing without echo", param="max_tokens")
+        if logprobs is not None and not 0 <= logprobs <= self.config.max_logprobs:
+            raise InvalidRequest(f"logprobs takes 0..{self.config.max_logprobs} alternatives", param="logprobs")
         if prompt_ids is not None:
             self.check_token_ids(prompt_ids, "prompt")
         session = self.store.get(session_id, owner) if session_id is not None else None
         if commit and session is None:
             raise InvalidRequest("commit needs a session_id", param="commit")
         return self._submit(GenerateJob(session, params, commit=commit, messages=messages, prompt_ids=prompt_ids,
-                                        mode=self.default_mode))
-
-    # ---------------------------------------------------------------------------------------------- helpers for jobs
-
-    def check_context(self, state: FamState, n_new: int) -> int | None:
-        """full mode: refuse to grow past the model's context; returns the tokens left after `n_new`
-        (None in the other modes, which have no limit)."""
-        if state.cfg.evicts:
-            return None
-        ctx, have = self.rt.module.arch.max_position_embeddings, int(state.n_tokens[0])
-        if have + n_new > ctx:
-            raise ContextLengthExceeded(f"this session is in full mode, limited to the model's context of {ctx} "
-                                        f"tokens: it holds {have} and this request needs {n_new} more")
-        return ctx - have - n_new
+                                        mode=self.default_mode, logprobs=logprobs, echo=echo))
 
     def check_session_room(self) -> None:
-        if self.store.count() >= self.config.max_sessions:
-            raise TooManySessions(f"this server holds its maximum of {self.config.max_sessions} sessions; "
-                                  "delete one first")
-
-    def remember_key(self, s: Session, key: str, record: dict[str, Any]) -> None:
-        s.idempotency[key] = record
-        while len(s.idempotency) > self.config.max_idempotency_keys:
-            s.idempotency.popitem(last=False)
+        self.ctx.check_session_room()
 
     def metrics(self) -> dict[str, int]:
         resident = self.store.resident()
@@ -282,7 +265,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._inbox or self._ready or self._bulk or self._stopping):
+                    while not (self._inbox or self.scheduler.has_work() or self._stopping):
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -290,10 +273,8 @@ class Engine:
                     self._inbox.clear()
                 for item in inbox:
                     self._accept(item)
-                job = self._next_job()
-                if job is not None:
-                    self._slice(job)
-                self.store.enforce_budget()
+                self._step()
+                self.store.enforce_budget(self.scheduler.idle)
             self._shut_down()
 
     def _accept(self, item: Job | _Call) -> None:
@@ -308,70 +289,70 @@ class Engine:
                 log.exception("engine call failed")
                 item.future.set_exception(EngineFailure(f"{type(e).__name__}: {e}"))
             return
-        if item.session is None:
-            self._make_ready(item)
-            return
-        item.session.queue.append(item)
-        if len(item.session.queue) == 1:
-            self._make_ready(item)
+        if self.scheduler.submit(item):
+            self._start(item)
 
-    def _make_ready(self, job: Job) -> None:
-        (self._bulk if job.bulk else self._ready).append(job)
-
-    def _next_job(self) -> Job | None:
-        if self._ready and (self._owed > 0 or not self._bulk):
-            self._owed -= 1
-            return self._ready.popleft()
-        if self._bulk:
-            self._owed = len(self._ready)
-            return self._bulk.popleft()
-        return None
-
-    def _slice(self, job: Job) -> None:
-        start = time.monotonic()
-        deadline = start + max(self.config.time_slice_seconds, 0.0 if job.bulk else self._bulk_seconds)
+    def _start(self, job: Job) -> None:
+        """The job may touch its session now."""
         try:
-            if job.cancelled:
-                raise Cancelled("the request was cancelled")
-            if not job.started:
-                job.start(self)
-                if job.session is not None and not job.mutating:
-                    self._release(job)  # a reader holds its own copy of the state from here on
-            while not job.finished:
-                if job.cancelled:
-                    raise Cancelled("the request was cancelled")
-                if job.mutating and job.session is not None and job.session.deleted:
-                    raise SessionNotFound(job.session.id)
-                job.step(self)
-                if time.monotonic() >= deadline:
-                    break
-        except EngineError as e:
-            self._end_with_error(job, e)
-        except Exception as e:  # a model exception: this request fails, the worker and other sessions go on
-            log.exception("job failed")
-            self._end_with_error(job, EngineFailure(f"{type(e).__name__}: {e}"))
-        if job.bulk:
-            self._bulk_seconds = time.monotonic() - start
+            self._check(job)
+            job.start(self.ctx)
+        except Exception as e:
+            self._fail(job, e)
+            return
         if job.finished:
             self._retire(job)
-        else:
-            self._make_ready(job)
+            return
+        if job.session is not None and not job.mutating:
+            self._release(job)  # a reader holds its own copy of the state from here on
+        self.scheduler.run(job)
 
-    def _end_with_error(self, job: Job, error: EngineError) -> None:
+    def _check(self, job: Job) -> None:
+        if job.cancelled:
+            raise Cancelled("the request was cancelled")
+        if job.mutating and job.session is not None and job.session.deleted:
+            raise SessionNotFound(job.session.id)
+
+    def _step(self) -> None:
+        planned: list[tuple[Job, Work]] = []
+        for job, n in self.scheduler.schedule():
+            try:
+                self._check(job)
+                planned.append((job, job.plan(n)))
+            except Exception as e:
+                self._fail(job, e)
+        if not planned:
+            return
+        outputs = self.executor.run([w for _, w in planned])
+        for (job, _), out in zip(planned, outputs, strict=True):
+            try:
+                if isinstance(out, Exception):
+                    raise out
+                job.commit(self.ctx, out)
+            except Exception as e:
+                self._fail(job, e)
+                continue
+            if job.finished:
+                self._retire(job)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        if not isinstance(error, EngineError):  # a model exception: this request fails, the worker goes on
+            log.error("job failed", exc_info=error)
+            error = EngineFailure(f"{type(error).__name__}: {error}")
         try:
-            job.stop(self, error)
+            job.stop(self.ctx, error)
         except EngineError as e:  # saving what the job had committed failed too
             log.error("could not save the session after a failed job: %s", e)
-            job.stop(self, error, save=False)
+            job.stop(self.ctx, error, save=False)
+        self._retire(job)
 
     def _release(self, job: Job) -> None:
-        q = job.session.queue if job.session is not None else None
-        if q and q[0] is job:
-            q.popleft()
-            if q:
-                self._make_ready(q[0])
+        nxt = self.scheduler.release(job)
+        if nxt is not None:
+            self._start(nxt)  # type: ignore[arg-type]
 
     def _retire(self, job: Job) -> None:
+        self.scheduler.remove(job)
         self._release(job)
         with self._cv:
             self._unfinished -= 1
@@ -386,12 +367,12 @@ class Engine:
             if isinstance(item, _Call):
                 item.future.set_exception(gone)
             else:
-                item.stop(self, gone, save=False)
+                item.stop(self.ctx, gone, save=False)
                 item.publish_end()
-        ready = [*self._ready, *self._bulk]
-        waiting = [j for s in self.store.all() for j in s.queue if j not in ready]
-        for job in [*ready, *waiting]:
-            self._end_with_error(job, gone)
-            job.publish_end()
-        self._ready.clear()
-        self._bulk.clear()
+        for job in list(self.scheduler.jobs()):
+            try:
+                job.stop(self.ctx, gone)  # type: ignore[attr-defined]
+            except EngineError as e:
+                log.error("could not save the session at shutdown: %s", e)
+                job.stop(self.ctx, gone, save=False)  # type: ignore[attr-defined]
+            job.publish_end()  # type: ignore[attr-defined]

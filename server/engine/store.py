@@ -25,18 +25,16 @@ import struct
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from hashlib import sha256
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model import FamRuntime, FamState, StateMismatchError
 from server.engine.chat import Turn
 from server.engine.errors import EngineFailure, InvalidSnapshot, SessionNotFound
-
-if TYPE_CHECKING:
-    from server.engine.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +66,24 @@ def new_session_id() -> str:
     return "sess_" + uuid.uuid4().hex[:24]
 
 
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the engine tells about a session (the HTTP layer turns it into the API's session object)."""
+
+    id: str
+    mode: str
+    model: str  # the model that holds its state
+    tokens: int
+    state_bytes: int
+    created: int
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SessionInfo:
+        """From its fields as stored in an idempotency record (older snapshots stored the API object, a superset)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
+
+
 @dataclass
 class Session:
     id: str
@@ -78,19 +94,23 @@ class Session:
     tokens: int = 0
     state_bytes: int = 0
     turn: Turn = Turn.NONE
-    # Idempotency-Key -> {"digest", "status": "partial" | "done", "doc_tokens_done", "result"}; oldest first
+    # Idempotency-Key -> {"digest", "status": "partial" | "done", "doc_tokens_done", "result": SessionInfo fields};
+    # oldest first
     idempotency: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     state: FamState | None = None  # None: spilled; the snapshot file holds it
     dirty: bool = False  # the state in memory is newer than the file
     deleted: bool = False
     last_used: float = field(default_factory=time.monotonic)
-    queue: deque[Job] = field(default_factory=deque)  # jobs in submission order; the head may run
 
     def record(self) -> dict[str, Any]:
         """What the snapshot file keeps besides the tensors."""
         return {"id": self.id, "owner": self.owner, "mode": self.mode, "created": self.created,
                 "metadata": self.metadata, "tokens": self.tokens, "state_bytes": self.state_bytes,
                 "turn": str(self.turn), "idempotency": list(self.idempotency.items())}
+
+    def info(self, model: str) -> SessionInfo:
+        return SessionInfo(id=self.id, mode=self.mode, model=model, tokens=self.tokens, state_bytes=self.state_bytes,
+                           created=self.created, metadata=self.metadata)
 
     def set_state(self, state: FamState) -> None:
         self.state, self.dirty = state, True
@@ -170,16 +190,16 @@ class SessionStore:
                 raise EngineFailure(f"the saved snapshot of session {session.id} cannot be read: {e}") from e
         return session.state
 
-    def enforce_budget(self) -> int:
-        """Spill the least recently used idle sessions until the resident states fit the budget. Returns the
-        number spilled. A session is idle when no job waits on it and its file is current."""
+    def enforce_budget(self, idle: Callable[[str], bool]) -> int:
+        """Spill the least recently used sessions that are `idle` (by id: no job waits on them) and whose file is
+        current, until the resident states fit the budget. Returns the number spilled."""
         resident = sorted(self.resident(), key=lambda s: s.last_used)
         total = sum(s.state_bytes for s in resident)
         spilled = 0
         for s in resident:
             if total <= self.budget:
                 break
-            if s.queue or s.dirty:
+            if s.dirty or not idle(s.id):
                 continue
             s.state = None
             total -= s.state_bytes

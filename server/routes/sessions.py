@@ -8,6 +8,7 @@ An `Idempotency-Key` header makes a retried ingest safe (see `server.engine.jobs
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server.deps import EngineDep, OwnerDep, sse_response, wait_for
-from server.engine import Failed, Finished, IngestJob, Progress
+from server.engine import Failed, Finished, IngestJob, Progress, SessionInfo
 from server.engine.documents import TokenizedDocument
 from server.errors import APIError, error_body, from_exception
 from server.protocol import CreateSession, IngestText
@@ -25,27 +26,32 @@ from server.protocol import CreateSession, IngestText
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
+def session_object(info: SessionInfo) -> dict[str, Any]:
+    """The API's session object."""
+    return {"id": info.id, "object": "session", **{k: v for k, v in asdict(info).items() if k != "id"}}
+
+
 @router.post("", status_code=201)
 async def create_session(engine: EngineDep, owner: OwnerDep,
                          body: Annotated[CreateSession | None, Body()] = None) -> dict[str, Any]:
     body = body or CreateSession()
-    return await engine.create_session(owner, body.mode, body.metadata)
+    return session_object(await engine.create_session(owner, body.mode, body.metadata))
 
 
 @router.get("")
 async def list_sessions(engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
-    return {"object": "list", "data": engine.list_sessions(owner)}
+    return {"object": "list", "data": [session_object(s) for s in engine.list_sessions(owner)]}
 
 
 @router.post("/import", status_code=201)
 async def import_session(request: Request, engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
     """The raw body is a snapshot from `GET /v1/sessions/{id}/state` (signed by a server with this secret)."""
-    return await engine.import_snapshot(owner, await request.body())
+    return session_object(await engine.import_snapshot(owner, await request.body()))
 
 
 @router.get("/{session_id}")
 async def get_session(session_id: str, engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
-    return engine.get_session(owner, session_id)
+    return session_object(engine.get_session(owner, session_id))
 
 
 @router.delete("/{session_id}")
@@ -56,7 +62,7 @@ async def delete_session(session_id: str, engine: EngineDep, owner: OwnerDep) ->
 
 @router.post("/{session_id}/fork", status_code=201)
 async def fork_session(session_id: str, request: Request, engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
-    return await wait_for(request, engine.fork(owner, session_id))
+    return session_object(await wait_for(request, engine.fork(owner, session_id)))
 
 
 @router.get("/{session_id}/state")
@@ -76,7 +82,7 @@ async def ingest(session_id: str, request: Request, engine: EngineDep, owner: Ow
     if stream or stream_asked:
         return sse_response(_ingest_events(job), job)
     result = await wait_for(request, job)
-    return JSONResponse(result, headers={"Idempotent-Replayed": "true"} if job.replayed else None)
+    return JSONResponse(session_object(result), headers={"Idempotent-Replayed": "true"} if job.replayed else None)
 
 
 async def _read_document(request: Request, engine: EngineDep) -> tuple[TokenizedDocument, bool]:
@@ -104,7 +110,7 @@ async def _ingest_events(job: IngestJob) -> AsyncIterator[dict[str, Any]]:
             yield {"object": "ingest.progress", "tokens_done": event.tokens_done, "tokens_total": event.tokens_total,
                    "pages_done": event.pages_done, "pages_total": event.pages_total}
         elif isinstance(event, Finished):
-            yield event.result
+            yield session_object(event.result)
         elif isinstance(event, Failed):
             code, message, param, _ = from_exception(event.error)
             yield error_body(code, message, param)

@@ -23,7 +23,7 @@ async def health(request: Request) -> JSONResponse:
     """Public. 503 while the model loads (or if it failed to), then 200."""
     state = request.app.state
     if state.engine is not None:
-        return JSONResponse({"status": "ok", "model": state.engine.rt.name})
+        return JSONResponse({"status": "ok", "model": state.engine.model_name})
     if state.load_error:
         return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503)
@@ -36,8 +36,8 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models", tags=["openai"])
 async def models(request: Request, engine: EngineDep) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": engine.rt.name, "object": "model", "created": request.app.state.started,
-                                        "owned_by": "fam-server"}]}
+    return {"object": "list", "data": [{"id": engine.model_name, "object": "model",
+                                        "created": request.app.state.started, "owned_by": "fam-server"}]}
 
 
 @router.post("/tokenize", tags=["tokenizer"])

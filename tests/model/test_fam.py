@@ -149,6 +149,39 @@ def test_batched_states_match_single(tiny_dirs):
         FamState.stack([a, m.ingest(a, nxt[:1, :3])[0]])
 
 
+@pytest.mark.parametrize(("fam_update_from", "fam_gate"), [(0, 1.0), (1, 1.0), (1, 0.75)])
+@torch.no_grad()
+def test_forward_many_matches_one_by_one(tiny_dirs, fam_update_from, fam_gate):
+    """Documents in different modes and at different fills of their block (decoding one token, a chunk, a chunk
+    that completes the block, a fresh state) run as one ragged pass with the results of running them alone."""
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4,
+             fam_update_from=fam_update_from, fam_gate=fam_gate)
+    g = torch.Generator().manual_seed(7)
+    states = []
+    for n, mode in [(48, "fam"), (83, "fam"), (5, "bswa"), (15, "sink"), (30, "full"), (0, "fam")]:
+        s = m.new_state(mode=mode)
+        states.append(m.ingest(s, torch.randint(0, 211, (1, n), generator=g))[0] if n else s)
+    chunks = [torch.randint(0, 211, (min(k, 16 - s.n_block),), generator=g)
+              for k, s in zip([1, 13, 11, 1, 2, 16], states, strict=True)]
+    assert any(s.n_block + len(c) == 16 for s, c in zip(states, chunks, strict=True))  # some blocks complete
+    for s, c, (batched, h) in zip(states, chunks, m.forward_many(states, chunks), strict=True):
+        alone, h_alone = m.forward_chunk(s, c[None])
+        torch.testing.assert_close(h, h_alone, atol=1e-5, rtol=1e-4)
+        assert_states_equal(batched, alone)
+
+
+def test_one_query_attention_equals_sdpa(tiny_dirs):
+    """The decode path's attention (bf16 and other non-float32 dtypes) is scaled dot-product attention."""
+    attn = tiny(tiny_dirs["llama"]).layers[0].self_attn
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, attn.n_heads, 1, attn.head_dim, generator=g)
+    k, v = (torch.randn(2, attn.n_kv, 37, attn.head_dim, generator=g) for _ in range(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(attn.one_query(q, k, v), ref, atol=1e-6, rtol=1e-5)
+    fast = attn.heads(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    torch.testing.assert_close(fast.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_gradient_reaches_prompt_through_blocks(tiny_dirs):
     """Training path: the loss on block 3 back-propagates through the FAM updates of blocks 0-2 to P."""
     m = tiny(tiny_dirs["llama"], mode="fam", block_size=8, memory_blocks=0, fam_len=4)

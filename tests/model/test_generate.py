@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import FamConfig, FamRuntime, Generation, SamplingParams, generate
-from model.generate import Detokenizer, sample
+from model.generate import Detokenizer, drive, sample
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +52,17 @@ def test_seed_reproducible_and_max_tokens(rt):
     a = "".join(generate(rt, rt.new_state(), ids, p))
     b = "".join(generate(rt, rt.new_state(), ids, p))
     assert a == b and a
-    g = Generation(rt, rt.new_state(), ids, p)
-    while not g.done:
-        g.step()
+    g = Generation(ids, p, rt.decode, rt.eos_token_ids)
+    for _ in drive(rt, rt.new_state(), g):
+        pass
     assert g.finish_reason == "length" and len(g.completion_ids) == 12
 
 
 @torch.no_grad()
 def test_final_state_contains_the_answer(rt):
     ids = rt.encode("Once upon a time")
-    g = Generation(rt, rt.new_state(), ids, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
-    while not g.done:
-        g.step()
-    final = g.final_state()
+    g = Generation(ids, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), rt.decode, rt.eos_token_ids)
+    final = list(drive(rt, rt.new_state(), g))[-1][1]
     assert int(final.n_tokens[0]) == len(ids) + 5
     replay, _ = rt.ingest(rt.new_state(), ids + g.completion_ids)
     torch.testing.assert_close(final.fam, replay.fam)

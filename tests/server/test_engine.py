@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import SamplingParams
-from server.engine import Engine, EngineConfig, Failed, Progress
+from server.engine import Engine, EngineConfig, Failed, Progress, SessionInfo
 from server.engine.chat import Turn
 from server.engine.documents import TokenizedDocument
 from server.engine.errors import (
@@ -33,7 +33,7 @@ def run(coro):
 
 
 def config(data_dir: Path, **kw) -> EngineConfig:
-    return EngineConfig(data_dir=data_dir, secret=b"s", time_slice_seconds=0, **kw)
+    return EngineConfig(data_dir=data_dir, secret=b"s", **kw)
 
 
 def doc_of(ids: list[int]) -> TokenizedDocument:
@@ -71,12 +71,12 @@ def test_short_request_is_not_stalled_by_long_ingests(tmp_path, tiny_runtime):
 
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        readers = [(await eng.create_session("", None, {}))["id"] for _ in range(4)]
-        asker = (await eng.create_session("", None, {}))["id"]
+        readers = [(await eng.create_session("", None, {})).id for _ in range(4)]
+        asker = (await eng.create_session("", None, {})).id
         ingests = [eng.ingest("", sid, doc_of(words(100 * BLOCK, tiny_runtime)), None) for sid in readers]
         question = eng.generate("", GREEDY, session_id=asker, messages=[{"role": "user", "content": "Hi"}])
         answer = await question.result()
-        ingested_meanwhile = [eng.get_session("", sid)["tokens"] for sid in readers]
+        ingested_meanwhile = [eng.get_session("", sid).tokens for sid in readers]
         for job in ingests:
             job.cancel()
         await eng.stop()
@@ -95,7 +95,7 @@ def test_two_ingests_on_one_session_run_in_order(tmp_path, tiny_runtime):
 
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        sid = (await eng.create_session("", None, {}))["id"]
+        sid = (await eng.create_session("", None, {})).id
         j1, j2 = eng.ingest("", sid, doc_of(d1), None), eng.ingest("", sid, doc_of(d2), None)
         r1, r2 = await asyncio.gather(j1.result(), j2.result())
         state = await session_state(eng, sid)
@@ -104,8 +104,8 @@ def test_two_ingests_on_one_session_run_in_order(tmp_path, tiny_runtime):
         return r1, r2, state, pre
 
     r1, r2, state, pre = run(main())
-    assert r1["tokens"] == len(pre) + len(d1)
-    assert r2["tokens"] == len(pre) + len(d1) + len(d2)
+    assert r1.tokens == len(pre) + len(d1)
+    assert r2.tokens == len(pre) + len(d1) + len(d2)
     with torch.inference_mode():
         reference, _ = tiny_runtime.ingest(tiny_runtime.new_state(mode=state.cfg.mode), pre + d1 + d2)
     torch.testing.assert_close(next_token_logits(tiny_runtime, state), next_token_logits(tiny_runtime, reference))
@@ -116,7 +116,7 @@ def test_cancelled_ingest_stops_at_a_block_boundary(tmp_path, tiny_runtime):
 
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        sid = (await eng.create_session("", None, {}))["id"]
+        sid = (await eng.create_session("", None, {})).id
         job = eng.ingest("", sid, doc_of(doc), None)
         seen = 0
         async for event in job.events():
@@ -124,7 +124,7 @@ def test_cancelled_ingest_stops_at_a_block_boundary(tmp_path, tiny_runtime):
             if seen == 3:
                 job.cancel()
         assert isinstance(event, Failed) and isinstance(event.error, Cancelled)
-        tokens = eng.get_session("", sid)["tokens"]
+        tokens = eng.get_session("", sid).tokens
         state = await session_state(eng, sid)
         again = await eng.ingest("", sid, doc_of(words(5, tiny_runtime)), None).result()  # still usable
         await eng.stop()
@@ -133,7 +133,7 @@ def test_cancelled_ingest_stops_at_a_block_boundary(tmp_path, tiny_runtime):
     tokens, state, again = run(main())
     assert 3 * BLOCK <= tokens < 40 * BLOCK and tokens % BLOCK == 0
     assert state.n_block == 0 and int(state.n_tokens[0]) == tokens
-    assert again["tokens"] == tokens + 5
+    assert again.tokens == tokens + 5
 
 
 def test_idempotency_key_replays_and_resumes(tmp_path, tiny_runtime):
@@ -141,7 +141,7 @@ def test_idempotency_key_replays_and_resumes(tmp_path, tiny_runtime):
 
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        sid = (await eng.create_session("", None, {}))["id"]
+        sid = (await eng.create_session("", None, {})).id
         # cut short after a few blocks...
         job = eng.ingest("", sid, doc_of(doc), "key-1")
         seen = 0
@@ -149,7 +149,7 @@ def test_idempotency_key_replays_and_resumes(tmp_path, tiny_runtime):
             seen += isinstance(event, Progress)
             if seen == 4:
                 job.cancel()
-        cut_at = eng.get_session("", sid)["tokens"]
+        cut_at = eng.get_session("", sid).tokens
         # ...the retry with the same key resumes instead of starting over
         retry = eng.ingest("", sid, doc_of(doc), "key-1")
         first_progress = None
@@ -172,7 +172,7 @@ def test_idempotency_key_replays_and_resumes(tmp_path, tiny_runtime):
     total = len(pre) + len(doc)
     assert 0 < cut_at < total
     assert first_progress.tokens_done > cut_at - len(pre) and first_progress.tokens_total == len(doc)
-    assert result["tokens"] == total  # nothing ingested twice
+    assert result.tokens == total  # nothing ingested twice
     assert replay.replayed and replayed == result
     with torch.inference_mode():
         reference, _ = tiny_runtime.ingest(tiny_runtime.new_state(mode=state.cfg.mode), pre + doc)
@@ -188,10 +188,10 @@ class FlakyRuntime:
     def __getattr__(self, name):
         return getattr(self._rt, name)
 
-    def ingest_block(self, state, ids):
-        if POISON in list(ids)[:BLOCK - state.n_block]:
+    def forward_many(self, states, ids):
+        if any(POISON in chunk for chunk in ids):
             raise RuntimeError("simulated model failure")
-        return self._rt.ingest_block(state, ids)
+        return self._rt.forward_many(states, ids)
 
 
 def test_model_exception_fails_only_its_request(tmp_path, tiny_runtime):
@@ -200,8 +200,8 @@ def test_model_exception_fails_only_its_request(tmp_path, tiny_runtime):
 
     async def main():
         eng = await started(Engine(FlakyRuntime(tiny_runtime), config(tmp_path)))
-        a = (await eng.create_session("", None, {}))["id"]
-        b = (await eng.create_session("", None, {}))["id"]
+        a = (await eng.create_session("", None, {})).id
+        b = (await eng.create_session("", None, {})).id
         failing, fine = eng.ingest("", a, doc_of(bad), None), eng.ingest("", b, doc_of(good), None)
         outcome = await asyncio.gather(failing.result(), fine.result(), return_exceptions=True)
         after = await eng.ingest("", a, doc_of(good), None).result()  # the worker and the session go on
@@ -210,14 +210,14 @@ def test_model_exception_fails_only_its_request(tmp_path, tiny_runtime):
 
     (err, ok), after = run(main())
     assert isinstance(err, EngineFailure) and "simulated model failure" in err.message
-    assert isinstance(ok, dict) and ok["tokens"] > 3 * BLOCK
-    assert after["tokens"] > len(good)
+    assert isinstance(ok, SessionInfo) and ok.tokens > 3 * BLOCK
+    assert after.tokens > len(good)
 
 
 def test_queue_limit(tmp_path, tiny_runtime):
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path, max_queue=1)))
-        sid = (await eng.create_session("", None, {}))["id"]
+        sid = (await eng.create_session("", None, {})).id
         first = eng.ingest("", sid, doc_of(words(30 * BLOCK, tiny_runtime)), None)
         with pytest.raises(QueueFull) as refused:
             eng.generate("", GREEDY, messages=[{"role": "user", "content": "x"}])
@@ -236,7 +236,7 @@ def test_idle_sessions_spill_to_disk_and_come_back(tmp_path, tiny_runtime):
 
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        sid = (await eng.create_session("", None, {}))["id"]
+        sid = (await eng.create_session("", None, {})).id
         await eng.ingest("", sid, doc_of(words(2 * BLOCK + 3, tiny_runtime)), None).result()
         resident = await eng.generate("", GREEDY, session_id=sid, messages=question).result()
         await eng.stop()
@@ -257,20 +257,20 @@ def test_full_mode_refuses_to_grow_past_the_context(tmp_path, tiny_runtime):
 
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        sid = (await eng.create_session("", "full", {}))["id"]
+        sid = (await eng.create_session("", "full", {})).id
         with pytest.raises(ContextLengthExceeded, match=str(ctx)):
             await eng.ingest("", sid, doc_of(words(ctx + 1, tiny_runtime)), None).result()
         info = eng.get_session("", sid)
         await eng.stop()
         return info
 
-    assert run(main())["tokens"] == 0  # refused before anything was ingested
+    assert run(main()).tokens == 0  # refused before anything was ingested
 
 
 def test_deleting_a_session_stops_its_ingest(tmp_path, tiny_runtime):
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        sid = (await eng.create_session("", None, {}))["id"]
+        sid = (await eng.create_session("", None, {})).id
         job = eng.ingest("", sid, doc_of(words(60 * BLOCK, tiny_runtime)), None)
         await anext(job.events())
         await eng.delete_session("", sid)
@@ -289,17 +289,75 @@ def test_deleting_a_session_stops_its_ingest(tmp_path, tiny_runtime):
 def test_shutdown_ends_running_and_waiting_jobs_and_saves(tmp_path, tiny_runtime):
     async def main():
         eng = await started(Engine(tiny_runtime, config(tmp_path)))
-        sid = (await eng.create_session("", None, {}))["id"]
+        sid = (await eng.create_session("", None, {})).id
         running = eng.ingest("", sid, doc_of(words(200 * BLOCK, tiny_runtime)), None)
         waiting = eng.ingest("", sid, doc_of(words(BLOCK, tiny_runtime)), None)
         await anext(running.events())
         await eng.stop()
         outcomes = await asyncio.gather(running.result(), waiting.result(), return_exceptions=True)
         again = await started(Engine(tiny_runtime, config(tmp_path)))
-        tokens = again.get_session("", sid)["tokens"]
+        tokens = again.get_session("", sid).tokens
         await again.stop()
         return outcomes, tokens
 
     outcomes, tokens = run(main())
     assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
     assert 0 < tokens < 200 * BLOCK and tokens % BLOCK == 0  # saved at the last committed block
+
+
+def test_a_batched_step_equals_the_sessions_one_by_one(tiny_runtime):
+    """The executor's one pass over works of several sessions (decoding at different fills of their block, one
+    completing its block, a prompt chunk) gives each the state and logits it gets alone."""
+    from server.engine.executor import Executor
+    from server.engine.work import Work
+
+    rt = tiny_runtime
+    with torch.inference_mode():
+        states = [rt.ingest(rt.new_state(mode=mode), words(n, rt))[0]
+                  for n, mode in [(3 * BLOCK + 2, "fam"), (BLOCK - 1, "fam"), (7, "sink"), (20, "bswa")]]
+        works = [Work(states[0], words(1, rt), "last"), Work(states[1], words(1, rt, 2), "last"),
+                 Work(states[2], words(5, rt, 1), "all"), Work(states[3], words(3, rt, 4), "none")]
+        outputs = Executor(rt).run(works)
+        for w, out in zip(works, outputs, strict=True):
+            ((alone, h),) = rt.forward_many([w.state], [w.tokens])
+            reference, logits = rt.ingest(w.state, w.tokens)
+            torch.testing.assert_close(out.state.fam, reference.fam, atol=1e-5, rtol=1e-4)
+            for a, b in zip(out.state.k + out.state.v, reference.k + reference.v, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            assert out.state.layout() == reference.layout()
+            if w.logits == "last":
+                torch.testing.assert_close(out.logits, logits[0], atol=1e-4, rtol=1e-4)
+            elif w.logits == "all":
+                torch.testing.assert_close(out.logits, rt.logits(h), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(out.logits[-1], logits[0], atol=1e-4, rtol=1e-4)
+            else:
+                assert out.logits is None
+    assert outputs[1].state.n_block == 0  # that one completed its block inside the batch
+
+
+def test_concurrent_generations_decode_in_one_batch(tmp_path, tiny_runtime):
+    """Four greedy chats on four sessions give the answers each gives alone, and their tokens were computed
+    in shared passes (continuous batching)."""
+    questions = [[{"role": "user", "content": q}] for q in ("Hi", "What is this?", "Go on", "Why?")]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def main():
+        eng = await started(Engine(tiny_runtime, config(tmp_path)))
+        sids = []
+        for i in range(4):
+            sid = (await eng.create_session("", None, {})).id
+            await eng.ingest("", sid, doc_of(words(BLOCK + 5 * i, tiny_runtime, i)), None).result()
+            sids.append(sid)
+        alone = [(await eng.generate("", params, session_id=sid, messages=q).result()).text
+                 for sid, q in zip(sids, questions, strict=True)]
+        sizes: list[int] = []
+        run_works = eng.executor.run
+        eng.executor.run = lambda works: sizes.append(len(works)) or run_works(works)
+        jobs = [eng.generate("", params, session_id=sid, messages=q) for sid, q in zip(sids, questions, strict=True)]
+        together = [r.text for r in await asyncio.gather(*(j.result() for j in jobs))]
+        await eng.stop()
+        return alone, together, sizes
+
+    alone, together, sizes = run(main())
+    assert together == alone
+    assert max(sizes) == 4 and sizes.count(4) >= params.max_tokens - 1  # all four decode in the same steps

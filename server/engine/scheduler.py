@@ -1,0 +1,108 @@
+"""The scheduler: per-session queues, and which jobs advance by how many tokens in each engine step.
+
+Work on one session runs in submission order: a job may start when it reaches the head of its session's queue
+(jobs without a session start at once). A reading job (generation without commit, fork, export) leaves the queue
+as soon as it holds its copy of the state; a mutating one (ingest, committed generation) keeps the head until it
+ends.
+
+A step is one batched model pass, planned here from the jobs' demands (`Job.demand()`: the tokens a job could feed
+now, at most to the end of its current block):
+
+- every interactive job (generation), in round-robin order, gets its demand while `step_tokens` lasts: a decoding
+  job asks for one token, so every generating session advances one token per step (continuous batching); a prompt
+  asks for a chunk. When the budget runs out, the jobs left over go first in the next step.
+- then one bulk job (ingest), round robin, gets at most `bulk_tokens_busy` tokens if any interactive job was
+  planned, else at most `step_tokens`.
+
+So a question's prompt and tokens wait behind at most `bulk_tokens_busy` tokens of ingest per step once it is
+running (plus the one step that was in flight when it arrived), and ingests never starve.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class Schedulable(Protocol):
+    @property
+    def session_id(self) -> str | None: ...
+
+    bulk: bool
+
+    def demand(self) -> int: ...
+
+
+class Scheduler:
+    def __init__(self, step_tokens: int, bulk_tokens_busy: int):
+        assert step_tokens >= 1 and bulk_tokens_busy >= 1
+        self.step_tokens, self.bulk_tokens_busy = step_tokens, bulk_tokens_busy
+        self._queues: dict[str, deque[Schedulable]] = {}
+        self._interactive: deque[Schedulable] = deque()  # started jobs with model work, round robin
+        self._bulk: deque[Schedulable] = deque()
+
+    # ---------------------------------------------------------------------------------------------- queues
+
+    def submit(self, job: Schedulable) -> bool:
+        """Queue a job; True when it may start now."""
+        if job.session_id is None:
+            return True
+        q = self._queues.setdefault(job.session_id, deque())
+        q.append(job)
+        return len(q) == 1
+
+    def release(self, job: Schedulable) -> Schedulable | None:
+        """The job leaves its session's queue; returns the job that now heads the queue and may start."""
+        q = self._queues.get(job.session_id) if job.session_id is not None else None
+        if not q or job not in q:
+            return None
+        head = q[0] is job
+        q.remove(job)
+        if not q:
+            del self._queues[job.session_id]
+            return None
+        return q[0] if head else None
+
+    def run(self, job: Schedulable) -> None:
+        """A started job with model work to do joins the steps."""
+        (self._bulk if job.bulk else self._interactive).append(job)
+
+    def remove(self, job: Schedulable) -> None:
+        for runnable in (self._interactive, self._bulk):
+            if job in runnable:
+                runnable.remove(job)
+
+    def idle(self, session_id: str) -> bool:
+        """No job waits on or works on the session."""
+        return session_id not in self._queues
+
+    def has_work(self) -> bool:
+        return bool(self._interactive or self._bulk)
+
+    def jobs(self) -> Iterator[Schedulable]:
+        """Every job the scheduler knows (running or queued), each once."""
+        seen: set[int] = set()
+        for job in [*self._interactive, *self._bulk, *(j for q in self._queues.values() for j in q)]:
+            if id(job) not in seen:
+                seen.add(id(job))
+                yield job
+
+    # ---------------------------------------------------------------------------------------------- steps
+
+    def schedule(self) -> list[tuple[Schedulable, int]]:
+        """The next step: (job, tokens) pairs, at most one per job."""
+        plan: list[tuple[Schedulable, int]] = []
+        budget = self.step_tokens
+        for job in self._interactive:
+            if budget == 0:
+                break
+            n = min(job.demand(), budget)
+            plan.append((job, n))
+            budget -= n
+        self._interactive.rotate(-len(plan))  # the jobs left out go first next time
+        if self._bulk:
+            job = self._bulk[0]
+            plan.append((job, min(job.demand(), self.bulk_tokens_busy if plan else self.step_tokens)))
+            self._bulk.rotate(-1)
+        return plan
