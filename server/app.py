@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from model import FamRuntime
-from server import errors
+from server import errors, openapi
 from server.engine import Engine
 from server.metrics import LatencyMiddleware, Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
     app.state.metrics = Metrics(lambda: app.state.engine)
 
     errors.install(app)
+    openapi.install(app)
     app.include_router(system.router)
     app.include_router(sessions.router)
     app.include_router(completions.router)

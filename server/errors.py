@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.engine.errors import EngineError, QueueFull
+from server.engine import EngineError, QueueFull
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """Wire schemas: the request bodies the API accepts, validated by pydantic, and their conversion to engine
-types. Responses are plain dicts built in the routes (they follow OpenAI's shapes exactly).
+types; and the response bodies, built from engine results here (they follow OpenAI's shapes exactly), so that
+the OpenAPI document describes every answer and the routes only pass data through.
 
 OpenAI fields this server cannot honour are refused when set to anything but their neutral value (n != 1,
 logprobs, echo, best_of > 1, suffix, penalties, logit_bias, tools): a silent fallback would give answers the
@@ -8,12 +9,16 @@ client did not ask for. Unknown fields are ignored, as OpenAI-compatible servers
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from model import SamplingParams
 from model.config import MODES
+from server.engine import GenerationResult
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512
@@ -194,3 +199,235 @@ class ChatRequest(_Generation):
 
     def sampling_params(self) -> SamplingParams:
         return self.sampling(self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS)
+
+
+# ==================================================================================================== responses
+#
+# Field order is the order on the wire. Stream chunks are dumped with `exclude_unset`: a field appears only when
+# the builder sets it (`usage: null` only with include_usage; a chat delta's `role`/`content` only when present).
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionObject(_Out):
+    id: str
+    object: Literal["session"] = "session"
+    mode: Literal[MODES]  # type: ignore[valid-type]
+    model: str
+    tokens: int = Field(description="every token the session has taken in")
+    state_bytes: int = Field(description="memory of the session's state; fixed except in full mode")
+    created: int
+    metadata: dict[str, Any]
+
+
+def session_object(info: Mapping[str, Any]) -> SessionObject:
+    """The wire form of a session, from the engine's session info (the one place that builds it)."""
+    return SessionObject(id=info["id"], mode=info["mode"], model=info["model"], tokens=info["tokens"],
+                         state_bytes=info["state_bytes"], created=info["created"], metadata=info["metadata"])
+
+
+class SessionList(_Out):
+    object: Literal["list"] = "list"
+    data: list[SessionObject]
+
+
+class SessionDeleted(_Out):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: Literal[True] = True
+
+
+class IngestProgressEvent(_Out):
+    """One SSE event of a streamed ingest; the page counts are null for text documents."""
+
+    object: Literal["ingest.progress"] = "ingest.progress"
+    tokens_done: int
+    tokens_total: int
+    pages_done: int | None
+    pages_total: int | None
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int = Field(description="the session's tokens: ingested before, not recomputed")
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(_Out):
+    index: int
+    finish_reason: FinishReason
+    logprobs: None  # refused in requests, so always null
+    text: str
+
+
+class Completion(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    finish_reason: FinishReason
+    logprobs: None
+    message: AssistantMessage
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(_Out):
+    index: int
+    logprobs: None
+    finish_reason: FinishReason | None
+    text: str
+
+
+class CompletionChunk(_Out):
+    """A streamed completion chunk (OpenAI names these `text_completion` too). With include_usage every chunk
+    has `usage: null` and a last chunk with no choices carries the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None  # in the first chunk only
+    content: str | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    logprobs: None
+    finish_reason: FinishReason | None
+    delta: ChatDelta
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class Reply:
+    """Builds the response objects of one completion or chat request (all chunks share id and created)."""
+
+    def __init__(self, model: str, *, chat: bool, include_usage: bool = False):
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.model, self.chat, self.include_usage = model, chat, include_usage
+        self.created = int(time.time())
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(r: GenerationResult) -> Usage:
+        return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                     total_tokens=r.prompt_tokens + r.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=r.cached_tokens))
+
+    def complete(self, r: GenerationResult) -> Completion | ChatCompletion:
+        finish = r.finish_reason
+        if self.chat:
+            message = AssistantMessage(role="assistant", content=r.text)
+            return ChatCompletion(**self._head(), object="chat.completion", usage=self.usage(r),
+                                  choices=[ChatChoice(index=0, finish_reason=finish, logprobs=None, message=message)])
+        return Completion(**self._head(), object="text_completion", usage=self.usage(r),
+                          choices=[CompletionChoice(index=0, finish_reason=finish, logprobs=None, text=r.text)])
+
+    def chunk(self, text: str | None, finish_reason: str | None = None,
+              first: bool = False) -> CompletionChunk | ChatCompletionChunk:
+        extra: dict[str, Any] = {"usage": None} if self.include_usage else {}
+        if self.chat:
+            if first:
+                delta = ChatDelta(role="assistant", content=text or "")
+            else:
+                delta = ChatDelta(content=text) if text else ChatDelta()
+            choice = ChatChunkChoice(index=0, logprobs=None, finish_reason=finish_reason, delta=delta)
+            return ChatCompletionChunk(**self._head(), object="chat.completion.chunk", choices=[choice], **extra)
+        choice = CompletionChunkChoice(index=0, logprobs=None, finish_reason=finish_reason, text=text or "")
+        return CompletionChunk(**self._head(), object="text_completion", choices=[choice], **extra)
+
+    def usage_chunk(self, r: GenerationResult) -> CompletionChunk | ChatCompletionChunk:
+        if self.chat:
+            return ChatCompletionChunk(**self._head(), object="chat.completion.chunk", choices=[],
+                                       usage=self.usage(r))
+        return CompletionChunk(**self._head(), object="text_completion", choices=[], usage=self.usage(r))
+
+
+def stream_item(item: BaseModel) -> dict[str, Any]:
+    """A response object as one SSE event's JSON (only the fields its builder set)."""
+    return item.model_dump(mode="json", exclude_unset=True)
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Out):
+    tokens: list[int]
+    count: int
+
+
+class DetokenizeResponse(_Out):
+    text: str
+
+
+class Health(_Out):
+    """200 `{"status": "ok", "model"}`; 503 `{"status": "loading"}` or `{"status": "error", "error"}`."""
+
+    status: Literal["ok", "loading", "error"]
+    model: str | None = None
+    error: str | None = None
+
+
+class ErrorInfo(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(_Out):
+    """Every error, as an HTTP answer or as an event inside a stream."""
+
+    error: ErrorInfo

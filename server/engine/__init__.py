@@ -2,9 +2,10 @@
 sessions. No HTTP here: the server package adapts this interface to routes (see `server.app`)."""
 
 from server.engine.config import EngineConfig
+from server.engine.documents import TokenizedDocument
 from server.engine.engine import Engine
-from server.engine.errors import EngineError
+from server.engine.errors import Cancelled, EngineError, QueueFull
 from server.engine.jobs import Failed, Finished, GenerationResult, IngestJob, Job, Progress, TextDelta
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "Failed", "Finished", "GenerationResult", "IngestJob", "Job",
-           "Progress", "TextDelta"]
+__all__ = ["Cancelled", "Engine", "EngineConfig", "EngineError", "Failed", "Finished", "GenerationResult",
+           "IngestJob", "Job", "Progress", "QueueFull", "TextDelta", "TokenizedDocument"]

@@ -113,6 +113,11 @@ class Engine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
+    @property
+    def model_name(self) -> str:
+        """The loaded model's name: what `/v1/models` lists and every answer names."""
+        return self.rt.name
+
     # ---------------------------------------------------------------------------------------------- text
 
     def encode(self, text: str) -> list[int]:
