@@ -26,7 +26,6 @@ STATUS_BY_CODE = {
     "session_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
-    "session_busy": 409,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "idempotency_key_reused": 422,

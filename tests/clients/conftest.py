@@ -65,7 +65,7 @@ class FakeServer:
         self.ingests: dict[tuple[str, str], dict[str, Any]] = {}  # (session, Idempotency-Key) -> result
         self.commits: list[str] = []  # user messages committed to sessions
         self.ingest_error: str | None = None  # set to a code to fail ingests mid-stream
-        self.busy_generations = 0  # the next this many completions find their session busy (409)
+        self.generation_errors: list[httpx.Response] = []  # the next completions on a session answer these
         # Answers (or exceptions to raise) for the next requests, before normal routing: failures to retry.
         self.script: list[httpx.Response | Exception] = []
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., httpx.Response]]] = [
@@ -218,9 +218,8 @@ class FakeServer:
             found = self.lookup(session_id)
             if isinstance(found, httpx.Response):
                 return found
-            if self.busy_generations:
-                self.busy_generations -= 1
-                return self.error(409, "session_busy", "session is busy")
+            if self.generation_errors:
+                return self.generation_errors.pop(0)
             if body.get("commit"):
                 self.commits.append(body["messages"][-1]["content"] if chat else body["prompt"])
                 found["tokens"] += 10

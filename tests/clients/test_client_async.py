@@ -76,7 +76,7 @@ def test_ingest_file_reports_progress(server, tmp_path: Path) -> None:
 def test_ingest_retry_keeps_the_idempotency_key(server, sleeps) -> None:
     async def scenario(fam: AsyncClient) -> int:
         session = await fam.create_session()
-        server.script = [server.error(429, "rate_limited", "wait", headers={"Retry-After": "0.5"})]
+        server.script = [server.error(429, "queue_full", "wait", headers={"Retry-After": "0.5"})]
         tokens = (await fam.ingest_text(session.id, "a b c")).tokens
         server.script = [httpx.Response(200, json=dict(server.sessions[session.id], tokens=99))]
         assert (await fam.ingest_text(session.id, "d")).tokens == 99  # a stored answer as plain JSON
@@ -116,12 +116,12 @@ def test_non_streaming_completion(server) -> None:
 def test_error_mid_stream_raises(server) -> None:
     chunk = {"choices": [{"index": 0, "text": "Par", "finish_reason": None}]}
     server.script = [
-        httpx.Response(200, content=server.sse(chunk, server.error_body("session_busy", "busy")))
+        httpx.Response(200, content=server.sse(chunk, server.error_body("server_error", "the model failed")))
     ]
 
     async def scenario(fam: AsyncClient) -> list[str]:
         pieces: list[str] = []
-        with pytest.raises(errors.ConflictError):
+        with pytest.raises(errors.ServerError):
             async for piece in await fam.complete("x", stream=True, model="m"):
                 pieces.append(piece)
         return pieces

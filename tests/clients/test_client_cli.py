@@ -201,10 +201,10 @@ def test_chat_ends_at_end_of_input(fam, server, monkeypatch) -> None:
 def test_chat_survives_an_api_error_in_one_turn(fam, server, monkeypatch) -> None:
     session = server.new_session()
     monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
-    server.busy_generations = 1
+    server.generation_errors = [server.error(400, "context_length_exceeded", "the session is full")]
     code, out, err = fam("chat", session["id"])
     assert code == 0
-    assert "fam: error: session is busy (session_busy)" in err
+    assert "fam: error: the session is full (context_length_exceeded)" in err
     assert out == "Paris is the capital.\n"
     assert server.commits == ["two"]
 

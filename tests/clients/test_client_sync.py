@@ -331,7 +331,7 @@ def test_a_broken_stream_is_not_retried(client: Client, server) -> None:
 
 
 def test_429_is_retried_after_the_servers_retry_after(client: Client, server, sleeps) -> None:
-    server.script = [server.error(429, "rate_limited", "slow down", headers={"Retry-After": "0.25"})]
+    server.script = [server.error(429, "queue_full", "slow down", headers={"Retry-After": "0.25"})]
     assert client.list_sessions() == []
     assert sleeps == [0.25]
     assert server.paths() == ["GET /v1/sessions", "GET /v1/sessions"]
