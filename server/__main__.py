@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
 from pydantic import ValidationError
 
 from model.config import MODES
 from server.app import create_app
+from server.data_lock import DataDirLock, DataDirLocked
 from server.settings import Settings
 
 FLAGS = [
@@ -46,7 +48,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    try:
+        lock = DataDirLock.acquire(settings.data_dir)  # before listening: a second server never answers at all
+    except DataDirLocked as e:
+        sys.exit(f"fam-server: error: {e}")
+    app = create_app(settings, data_dir_lock=lock)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 
 
 if __name__ == "__main__":

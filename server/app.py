@@ -2,6 +2,9 @@
 
 Without a runtime the model loads in a background thread once the server is up, so `/health` answers 503
 `{"status": "loading"}` until it is ready; tests pass a loaded runtime and get a ready app.
+
+Start-up first takes the data directory's lock (`server.data_lock`), unless the caller already holds it
+(`fam-server` takes it before it starts listening): a second server over the same directory refuses to start.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from model import FamRuntime
 from server import errors, openapi
+from server.data_lock import DataDirLock
 from server.engine import Engine
 from server.metrics import LatencyMiddleware, Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware
@@ -32,7 +36,9 @@ def load_runtime(settings: Settings) -> FamRuntime:
                            adapter=settings.adapter, fam_overrides=settings.fam_overrides())
 
 
-def create_app(settings: Settings | None = None, runtime: FamRuntime | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime: FamRuntime | None = None, *,
+               data_dir_lock: DataDirLock | None = None) -> FastAPI:
+    """`data_dir_lock`: the lock of `settings.data_dir`, when the caller took it already (else start-up does)."""
     settings = settings or Settings()
 
     async def start_engine(app: FastAPI) -> None:
@@ -49,6 +55,8 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_lock = data_dir_lock is None
+        app.state.data_dir_lock = data_dir_lock or DataDirLock.acquire(settings.data_dir)  # DataDirLocked: no start
         loading = asyncio.create_task(start_engine(app))
         if runtime is not None:
             await loading  # already loaded: only the engine to start
@@ -59,9 +67,12 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
                 await loading  # a load thread cannot be interrupted; let it finish, then stop cleanly
             if app.state.engine is not None:
                 await app.state.engine.stop()
+            if own_lock:
+                app.state.data_dir_lock.release()
 
     app = FastAPI(title="fam-server", version="0.1.0", lifespan=lifespan)
     app.state.engine = None
+    app.state.data_dir_lock = data_dir_lock
     app.state.load_error = None
     app.state.started = int(time.time())
     app.state.settings = settings
