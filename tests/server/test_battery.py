@@ -19,6 +19,15 @@ def sid(client) -> str:
     return client.post("/v1/sessions").json()["id"]
 
 
+def test_a_vanishing_temperature_is_greedy_not_a_500(client):
+    """logits / 1e-300 overflow to inf (found by schemathesis): such temperatures sample greedily."""
+    greedy = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    for t in (1e-300, 5e-324, 1e-7):
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": t, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
 def still_serving(client) -> None:
     assert client.get("/health").status_code == 200
     r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
@@ -43,6 +52,7 @@ def test_malformed_json(client, sid, error, path, body):
     ("/v1/completions", {"prompt": "x", "temperature": 3}, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": -1}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "seed": 10**30}, "seed"),  # a 500 from torch's manual_seed before
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
