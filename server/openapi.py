@@ -33,12 +33,13 @@ def ref(model: type[BaseModel], mode: JsonSchemaMode = "serialization") -> dict[
 
 def sse(*models: type[BaseModel], description: str) -> dict[str, Any]:
     """A `text/event-stream` content entry whose events carry one of `models` (or an error), then `[DONE]`."""
-    data = {"oneOf": [ref(m) for m in (*models, ErrorResponse)]}
+    json_event = {"contentMediaType": "application/json",
+                  "contentSchema": {"oneOf": [ref(m) for m in (*models, ErrorResponse)]}}
     item = {"type": "object", "required": ["data"],
-            "properties": {"data": {"type": "string", "contentMediaType": "application/json",
-                                    "contentSchema": data,
+            "properties": {"data": {"type": "string", "oneOf": [json_event, {"const": "[DONE]"}],
                                     "description": "one JSON object per event; the last event is `[DONE]`"}}}
-    return {"text/event-stream": {"schema": {"type": "string", "description": description}, "itemSchema": item}}
+    item["description"] = description
+    return {"text/event-stream": {"itemSchema": item}}
 
 
 def binary(description: str) -> dict[str, Any]:

@@ -34,7 +34,9 @@ def test_every_operation_documents_its_success_and_errors(spec):
 def test_streams_name_their_event_objects(spec):
     def events(path: str) -> list[str]:
         stream = spec["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
-        one_of = stream["itemSchema"]["properties"]["data"]["contentSchema"]["oneOf"]
+        json_event, done = stream["itemSchema"]["properties"]["data"]["oneOf"]
+        assert done == {"const": "[DONE]"}
+        one_of = json_event["contentSchema"]["oneOf"]
         return [r["$ref"].rsplit("/", 1)[1] for r in one_of]
 
     assert events("/v1/chat/completions") == ["ChatCompletionChunk", "ErrorResponse"]
