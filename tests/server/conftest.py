@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from clients.sse import iter_sse
 from model import FamConfig, FamRuntime
 from server.app import create_app
 from server.settings import Settings
@@ -47,13 +48,9 @@ def wide_block_runtime(tiny_chat_dir: Path) -> FamRuntime:
 
 
 def sse_events(text: str) -> list[Any]:
-    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" stays a string)."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" stays a string), through the client's parser
+    (the one SSE parser in Python here: it splits lines only where SSE does, never on U+2028)."""
+    return [e.data if e.data == "[DONE]" else json.loads(e.data) for e in iter_sse([text])]
 
 
 @pytest.fixture
