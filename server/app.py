@@ -3,7 +3,7 @@
 Without a runtime the model loads in a background thread once the server is up, so `/health` answers 503
 `{"status": "loading"}` until it is ready; tests pass a loaded runtime and get a ready app.
 
-Start-up first takes the data directory's lock (`server.data_lock`), unless the caller already holds it
+Start-up first takes the data directory's lock (`server.data_dir`), unless the caller already holds it
 (`fam-server` takes it before it starts listening): a second server over the same directory refuses to start.
 """
 
@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from model import FamRuntime
 from server import errors, openapi
-from server.data_lock import DataDirLock
+from server.data_dir import DataDirLock, snapshot_secret
 from server.engine import Engine
 from server.metrics import LatencyMiddleware, Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware
@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
     async def start_engine(app: FastAPI) -> None:
         try:
             rt = runtime or await asyncio.to_thread(load_runtime, settings)
-            engine = await asyncio.to_thread(Engine, rt, settings.engine_config())
+            secret = snapshot_secret(settings.data_dir, settings.secret.get_secret_value() if settings.secret else None)
+            engine = await asyncio.to_thread(Engine, rt, settings.engine_config(secret))
         except Exception as e:  # anything the loader raises: /health reports it, /v1 answers 503 with it
             log.exception("the model failed to load")
             app.state.load_error = f"{type(e).__name__}: {e}"

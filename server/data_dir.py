@@ -1,4 +1,7 @@
-"""One server per data directory: a lock taken at start-up and held for the life of the process.
+"""What the server itself keeps in its data directory (the engine keeps the sessions, in `sessions/`): the lock
+that makes it the directory's only server, and the generated snapshot secret.
+
+One server per data directory: a lock taken at start-up and held for the life of the process.
 
 Two servers over one data dir would each keep their own sessions in memory and overwrite each other's
 snapshots (and a session deleted by one would be saved again by the other). The lock is an exclusive
@@ -15,12 +18,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 LOCK_NAME = "server.lock"
+SECRET_NAME = "secret"
 
 
 class DataDirLocked(RuntimeError):
@@ -82,3 +87,23 @@ def _read_holder(fd: int) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+def snapshot_secret(data_dir: Path, given: str | None) -> bytes:
+    """The HMAC key that signs snapshots: `given` (FAM_SECRET), or a random one generated on first use and kept
+    (mode 0600) in `data_dir/secret`, so that snapshots signed before a restart still verify after it. Called
+    with the directory's lock held, so two servers never race to create it."""
+    if given is not None:
+        return given.encode()
+    path = data_dir / SECRET_NAME
+    if not path.is_file():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{SECRET_NAME}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # a crash leaves no half-written secret
+    return path.read_bytes().strip()

@@ -1,4 +1,5 @@
-"""Two servers never share a data directory: the second one refuses to start and names the holder."""
+"""The server's own files in the data directory: the lock (two servers never share a data directory: the second
+one refuses to start and names the holder) and the generated snapshot secret."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.data_lock import LOCK_NAME, DataDirLock, DataDirLocked
+from server.data_dir import LOCK_NAME, DataDirLock, DataDirLocked, snapshot_secret
 from server.settings import Settings
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from server.data_lock import DataDirLock
+from server.data_dir import DataDirLock
 lock = DataDirLock.acquire(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(600)
@@ -87,3 +88,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_generated_secret_is_kept(tmp_path):
+    first = snapshot_secret(tmp_path, None)
+    assert len(first) == 64 and (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    assert snapshot_secret(tmp_path, None) == first  # the same after a restart
+    assert snapshot_secret(tmp_path, "given") == b"given"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]  # no temporary file left behind
