@@ -41,6 +41,28 @@ def _greedy_if_tiny(temperature: float) -> float:
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        """JSON may escape a lone surrogate ("\\ud800"); no tokenizer or file can take one (it was a 500)."""
+        if _has_lone_surrogate(v):
+            raise ValueError("is not valid Unicode text (it holds a lone UTF-16 surrogate)")
+        return v
+
+
+def _has_lone_surrogate(v: Any) -> bool:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(v, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return any(_has_lone_surrogate(x) for x in v)
+    return False  # numbers, and nested bodies (which validated themselves)
+
 
 class CreateSession(_Body):
     mode: Literal[MODES] | None = None  # type: ignore[valid-type]

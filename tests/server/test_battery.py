@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -43,6 +44,26 @@ def test_malformed_json(client, sid, error, path, body):
         assert r.status_code == 201  # the body of a session creation is optional
         return
     error(r, 400, "invalid_body")
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\udfff"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     None),
+    ("/v1/sessions", {"metadata": {"title": "\ud800"}}, "metadata"),
+    ("/v1/sessions/{sid}/ingest", {"text": "\ud800"}, None),
+    ("/tokenize", {"text": "\ud800"}, "text"),
+])
+def test_lone_surrogates_are_refused_not_a_500(client, sid, error, path, body, param):
+    """JSON can escape a lone UTF-16 surrogate, which no tokenizer takes (a 500 before)."""
+    r = client.post(path.format(sid=sid), content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = error(r, 400, r.json()["error"]["code"])
+    assert err["code"] in ("invalid_value", "invalid_body")
+    if param is not None:
+        assert err["param"] == param, err
 
 
 @pytest.mark.parametrize("path,body,param", [
