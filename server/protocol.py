@@ -64,9 +64,30 @@ def _has_lone_surrogate(v: Any) -> bool:
     return False  # numbers, and nested bodies (which validated themselves)
 
 
+MAX_METADATA_DEPTH = 32  # nesting of a session's metadata (deeper failed to serialize in the answer: a 500)
+
+
 class CreateSession(_Body):
     mode: Literal[MODES] | None = None  # type: ignore[valid-type]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="any JSON object, kept with the session")
+
+    @field_validator("metadata")
+    @classmethod
+    def _shallow(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if _depth(v) > MAX_METADATA_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_METADATA_DEPTH} levels")
+        return v
+
+
+def _depth(v: Any) -> int:
+    """Nesting depth of a JSON value, iteratively (a recursive walk could exhaust the stack)."""
+    deepest, todo = 0, [(v, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            todo += [(x, depth + 1) for x in (node.values() if isinstance(node, dict) else node)]
+    return deepest
 
 
 class IngestText(_Body):

@@ -13,6 +13,9 @@ import pytest
 BLOCK = 16
 ASK = [{"role": "user", "content": "Hi"}]
 SESSION_ID = "{sid}"  # replaced by a real session id
+DEEP: list = [1]
+for _ in range(31):
+    DEEP = [DEEP]  # with the metadata object around it: 33 levels
 
 
 @pytest.fixture
@@ -27,6 +30,13 @@ def test_a_vanishing_temperature_is_greedy_not_a_500(client):
         r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": t, "seed": 1})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_metadata_nested_to_the_limit_round_trips(client):
+    metadata = {"a": DEEP[0]}  # 32 levels: the most a session's metadata may nest
+    r = client.post("/v1/sessions", json={"metadata": metadata})
+    assert r.status_code == 201, r.text
+    assert client.get(f"/v1/sessions/{r.json()['id']}").json()["metadata"] == metadata
 
 
 def still_serving(client) -> None:
@@ -93,6 +103,8 @@ def test_lone_surrogates_are_refused_not_a_500(client, sid, error, path, body, p
     ("/v1/chat/completions", {"messages": ASK, "presence_penalty": 0.5}, "presence_penalty"),
     ("/v1/sessions", {"mode": "bogus"}, "mode"),
     ("/v1/sessions", {"metadata": "x"}, "metadata"),
+    # 33 levels are refused; 900 made the answer fail to serialize (a 500, after creating the session)
+    ("/v1/sessions", {"metadata": {"a": DEEP}}, "metadata"),
     ("/v1/sessions/{sid}/ingest", {"text": 5}, "text"),
     ("/v1/sessions/{sid}/ingest", {"text": ""}, "text"),
     ("/v1/sessions/{sid}/ingest", {"text": " \n "}, "text"),
