@@ -35,10 +35,9 @@ def sse(*models: type[BaseModel], description: str) -> dict[str, Any]:
     """A `text/event-stream` content entry whose events carry one of `models` (or an error), then `[DONE]`."""
     json_event = {"contentMediaType": "application/json",
                   "contentSchema": {"oneOf": [ref(m) for m in (*models, ErrorResponse)]}}
-    item = {"type": "object", "required": ["data"],
-            "properties": {"data": {"type": "string", "oneOf": [json_event, {"const": "[DONE]"}],
-                                    "description": "one JSON object per event; the last event is `[DONE]`"}}}
-    item["description"] = description
+    data = {"type": "string", "oneOf": [json_event, {"const": "[DONE]"}],
+            "description": "one JSON object per event; the last event is `[DONE]`"}
+    item = {"type": "object", "required": ["data"], "properties": {"data": data}, "description": description}
     return {"text/event-stream": {"itemSchema": item}}
 
 
