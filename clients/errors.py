@@ -10,9 +10,8 @@ is the fallback for bodies without a known code (e.g. an HTML page from a proxy 
     │   └── PDFError             422 pdf_encrypted, pdf_invalid, pdf_no_text
     ├── AuthenticationError      401 unauthorized
     ├── NotFoundError            404 session_not_found
-    ├── ConflictError            409 session_busy
     ├── PayloadTooLargeError     413 payload_too_large
-    ├── RateLimitError           429 rate_limited, queue_full (has retry_after)
+    ├── RateLimitError           429 queue_full, too_many_sessions (has retry_after)
     ├── ServerError              500 server_error (and any other 5xx)
     │   └── ServiceUnavailableError  503 model_loading
     ├── APIConnectionError       no HTTP answer at all (refused, reset, DNS)
@@ -75,16 +74,13 @@ class NotFoundError(FamError):
     """The session does not exist (or no longer does)."""
 
 
-class ConflictError(FamError):
-    """The session is busy with another request; try again once it is done."""
-
-
 class PayloadTooLargeError(FamError):
     """The upload or prompt exceeds the server's size limit."""
 
 
 class RateLimitError(FamError):
-    """Too many requests or the generation queue is full; ``retry_after`` is the server's hint in seconds."""
+    """The server's queue is full, or it holds its maximum of sessions; ``retry_after`` is the server's hint in
+    seconds (None when it gave none)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, **fields: Any) -> None:
         super().__init__(message, **fields)
@@ -125,9 +121,7 @@ _BY_CODE: dict[str, type[FamError]] = {
     "pdf_no_text": PDFError,
     "unauthorized": AuthenticationError,
     "session_not_found": NotFoundError,
-    "session_busy": ConflictError,
     "payload_too_large": PayloadTooLargeError,
-    "rate_limited": RateLimitError,
     "queue_full": RateLimitError,
     "server_error": ServerError,
     "model_loading": ServiceUnavailableError,
@@ -146,7 +140,6 @@ _BY_STATUS: dict[int, type[FamError]] = {
     401: AuthenticationError,
     403: AuthenticationError,
     404: NotFoundError,
-    409: ConflictError,
     413: PayloadTooLargeError,
     422: BadRequestError,
     429: RateLimitError,

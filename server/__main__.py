@@ -9,33 +9,35 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
 from pydantic import ValidationError
 
-from model.config import MODES
 from server.app import create_app
-from server.settings import Settings
+from server.data_dir import DataDirLock, DataDirLocked
+from server.settings import FLAGS, Settings
 
-FLAGS = [
-    ("--host", str, "address to listen on (FAM_HOST, default 127.0.0.1)"),
-    ("--port", int, "port (FAM_PORT, default 8000)"),
-    ("--model", str, "Hugging Face folder, .gguf file or hub id (FAM_MODEL, default SmolLM2-135M-Instruct)"),
-    ("--adapter", str, "FAM adapter file, 'auto' or 'none' (FAM_ADAPTER, default auto)"),
-    ("--mode", str, f"default session mode: {', '.join(MODES)} (FAM_MODE)"),
-    ("--block-size", int, "tokens per block B (FAM_BLOCK_SIZE; default: the adapter's or the model's)"),
-    ("--memory-blocks", int, "memory blocks m (FAM_MEMORY_BLOCKS)"),
-    ("--fam-len", int, "FAM vectors per layer F (FAM_FAM_LEN)"),
-    ("--dtype", str, "bfloat16 or float32 (FAM_DTYPE, default bfloat16)"),
-    ("--device", str, "cpu, cuda or auto (FAM_DEVICE, default auto)"),
-    ("--data-dir", str, "where session snapshots are kept (FAM_DATA_DIR, default ./data)"),
-]
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per name in `settings.FLAGS`; its help is the setting's description, variable and default."""
+    parser = argparse.ArgumentParser(prog="fam-server", description="Long-document LLM server (TransformerFAM). "
+                                     "Every setting is also an environment variable; a flag wins over it.")
+    for name in FLAGS:
+        field = Settings.model_fields[name]
+        default = "" if field.default is None else f", default {field.default}"
+        kind = int if _is_int(field.annotation) else str
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                            help=f"{field.description} (FAM_{name.upper()}{default})")
+    return parser
+
+
+def _is_int(annotation: object) -> bool:
+    return annotation is int or int in getattr(annotation, "__args__", ())
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(prog="fam-server", description="Long-document LLM server (TransformerFAM)")
-    for flag, kind, help_text in FLAGS:
-        parser.add_argument(flag, type=kind, help=help_text)
+    parser = build_parser()
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
         return Settings(**given)  # init arguments take precedence over FAM_* variables
@@ -46,7 +48,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    try:
+        lock = DataDirLock.acquire(settings.data_dir)  # before listening: a second server never answers at all
+    except DataDirLocked as e:
+        sys.exit(f"fam-server: error: {e}")
+    app = create_app(settings, data_dir_lock=lock)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 Without a runtime the model loads in a background thread once the server is up, so `/health` answers 503
 `{"status": "loading"}` until it is ready; tests pass a loaded runtime and get a ready app.
+
+Start-up first takes the data directory's lock (`server.data_dir`), unless the caller already holds it
+(`fam-server` takes it before it starts listening): a second server over the same directory refuses to start.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from model import FamRuntime
-from server import errors
+from server import errors, openapi
+from server.data_dir import DataDirLock, snapshot_secret
 from server.engine import Engine
 from server.metrics import LatencyMiddleware, Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware
@@ -32,13 +36,16 @@ def load_runtime(settings: Settings) -> FamRuntime:
                            adapter=settings.adapter, fam_overrides=settings.fam_overrides())
 
 
-def create_app(settings: Settings | None = None, runtime: FamRuntime | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime: FamRuntime | None = None, *,
+               data_dir_lock: DataDirLock | None = None) -> FastAPI:
+    """`data_dir_lock`: the lock of `settings.data_dir`, when the caller took it already (else start-up does)."""
     settings = settings or Settings()
 
     async def start_engine(app: FastAPI) -> None:
         try:
             rt = runtime or await asyncio.to_thread(load_runtime, settings)
-            engine = await asyncio.to_thread(Engine, rt, settings.engine_config())
+            secret = snapshot_secret(settings.data_dir, settings.secret.get_secret_value() if settings.secret else None)
+            engine = await asyncio.to_thread(Engine, rt, settings.engine_config(secret))
         except Exception as e:  # anything the loader raises: /health reports it, /v1 answers 503 with it
             log.exception("the model failed to load")
             app.state.load_error = f"{type(e).__name__}: {e}"
@@ -49,6 +56,8 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_lock = data_dir_lock is None
+        app.state.data_dir_lock = data_dir_lock or DataDirLock.acquire(settings.data_dir)  # DataDirLocked: no start
         loading = asyncio.create_task(start_engine(app))
         if runtime is not None:
             await loading  # already loaded: only the engine to start
@@ -59,15 +68,19 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
                 await loading  # a load thread cannot be interrupted; let it finish, then stop cleanly
             if app.state.engine is not None:
                 await app.state.engine.stop()
+            if own_lock:
+                app.state.data_dir_lock.release()
 
     app = FastAPI(title="fam-server", version="0.1.0", lifespan=lifespan)
     app.state.engine = None
+    app.state.data_dir_lock = data_dir_lock
     app.state.load_error = None
     app.state.started = int(time.time())
     app.state.settings = settings
     app.state.metrics = Metrics(lambda: app.state.engine)
 
     errors.install(app)
+    openapi.install(app)
     app.include_router(system.router)
     app.include_router(sessions.router)
     app.include_router(completions.router)

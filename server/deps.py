@@ -10,8 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from server.engine import Engine, Job
-from server.engine.errors import Cancelled
+from server.engine import Cancelled, Engine, Job
 from server.errors import APIError
 
 DISCONNECT_POLL_SECONDS = 0.25

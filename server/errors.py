@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.engine.errors import EngineError, QueueFull
+from server.engine import EngineError, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ STATUS_BY_CODE = {
     "session_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
-    "session_busy": 409,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "idempotency_key_reused": 422,

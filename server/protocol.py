@@ -1,5 +1,6 @@
 """Wire schemas: the request bodies the API accepts, validated by pydantic, and their conversion to engine
-types. Responses are plain dicts built in the routes (they follow OpenAI's shapes exactly).
+types; and the response bodies, built from engine results here (they follow OpenAI's shapes exactly), so that
+the OpenAPI document describes every answer and the routes only pass data through.
 
 OpenAI fields this server cannot honour are refused when set to anything but their neutral value (n != 1,
 best_of > 1, suffix, penalties, logit_bias, tools): a silent fallback would give answers the
@@ -8,15 +9,23 @@ client did not ask for. Unknown fields are ignored, as OpenAI-compatible servers
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from model import SamplingParams
 from model.config import MODES
+from server.engine import GenerationResult, SessionInfo, TokenLogprob
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512
+# Below this a temperature is sampled greedily: logits / 1e-300 overflow to inf and the softmax to NaN (a 500
+# before this), and at 1e-6 any two logits that differ by more than float noise (1e-4) are already e^100 apart.
+GREEDY_BELOW_TEMPERATURE = 1e-6
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: up to 5 for completions, 20 for chat)
 
 
@@ -26,13 +35,60 @@ def _refuse_unless_neutral(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def _greedy_if_tiny(temperature: float) -> float:
+    return 0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        """JSON may escape a lone surrogate ("\\ud800"); no tokenizer or file can take one (it was a 500)."""
+        if _has_lone_surrogate(v):
+            raise ValueError("is not valid Unicode text (it holds a lone UTF-16 surrogate)")
+        return v
+
+
+def _has_lone_surrogate(v: Any) -> bool:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(v, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return any(_has_lone_surrogate(x) for x in v)
+    return False  # numbers, and nested bodies (which validated themselves)
+
+
+MAX_METADATA_DEPTH = 32  # nesting of a session's metadata (deeper failed to serialize in the answer: a 500)
 
 
 class CreateSession(_Body):
     mode: Literal[MODES] | None = None  # type: ignore[valid-type]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="any JSON object, kept with the session")
+
+    @field_validator("metadata")
+    @classmethod
+    def _shallow(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if _depth(v) > MAX_METADATA_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_METADATA_DEPTH} levels")
+        return v
+
+
+def _depth(v: Any) -> int:
+    """Nesting depth of a JSON value, iteratively (a recursive walk could exhaust the stack)."""
+    deepest, todo = 0, [(v, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            todo += [(x, depth + 1) for x in (node.values() if isinstance(node, dict) else node)]
+    return deepest
 
 
 class IngestText(_Body):
@@ -61,7 +117,7 @@ class _Generation(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool | None = False
@@ -107,7 +163,7 @@ class _Generation(_Body):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=1.0 if self.temperature is None else _greedy_if_tiny(self.temperature),
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=self.seed,
@@ -207,3 +263,291 @@ class ChatRequest(_Generation):
 
     def sampling_params(self) -> SamplingParams:
         return self.sampling(self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS)
+
+
+# ==================================================================================================== responses
+#
+# Field order is the order on the wire. Stream chunks are dumped with `exclude_unset`: a field appears only when
+# the builder sets it (`usage: null` only with include_usage; a chat delta's `role`/`content` only when present).
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionObject(_Out):
+    id: str
+    object: Literal["session"] = "session"
+    mode: Literal[MODES]  # type: ignore[valid-type]
+    model: str
+    tokens: int = Field(description="every token the session has taken in")
+    state_bytes: int = Field(description="memory of the session's state; fixed except in full mode")
+    created: int
+    metadata: dict[str, Any]
+
+
+def session_object(info: SessionInfo) -> SessionObject:
+    """The wire form of a session, from the engine's session info (the one place that builds it)."""
+    return SessionObject(id=info.id, mode=info.mode, model=info.model, tokens=info.tokens,
+                         state_bytes=info.state_bytes, created=info.created, metadata=info.metadata)
+
+
+class SessionList(_Out):
+    object: Literal["list"] = "list"
+    data: list[SessionObject]
+
+
+class SessionDeleted(_Out):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: Literal[True] = True
+
+
+class IngestProgressEvent(_Out):
+    """One SSE event of a streamed ingest; the page counts are null for text documents."""
+
+    object: Literal["ingest.progress"] = "ingest.progress"
+    tokens_done: int
+    tokens_total: int
+    pages_done: int | None
+    pages_total: int | None
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int = Field(description="the session's tokens: ingested before, not recomputed")
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionLogprobs(_Out):
+    """OpenAI's legacy completion logprobs: per token, its text, its logprob (null for a prompt's first token
+    under echo), the alternatives (the token itself among them) and its offset into the returned text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class CompletionChoice(_Out):
+    index: int
+    finish_reason: FinishReason
+    logprobs: CompletionLogprobs | None
+    text: str
+
+
+class Completion(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    finish_reason: FinishReason
+    logprobs: ChatLogprobs | None
+    message: AssistantMessage
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(_Out):
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+    text: str
+
+
+class CompletionChunk(_Out):
+    """A streamed completion chunk (OpenAI names these `text_completion` too). With include_usage every chunk
+    has `usage: null` and a last chunk with no choices carries the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None  # in the first chunk only
+    content: str | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+    delta: ChatDelta
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class Reply:
+    """Builds the response objects of one completion or chat request (all chunks share id and created). With
+    `logprobs` (alternatives per token; None: not asked) a choice carries OpenAI's logprobs: for a completion the
+    legacy `{tokens, token_logprobs, top_logprobs, text_offset}` (offsets into the returned text, which starts with
+    the prompt under echo), for a chat `{content: [{token, logprob, bytes, top_logprobs}], refusal}`."""
+
+    def __init__(self, model: str, *, chat: bool, include_usage: bool = False, logprobs: int | None = None):
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.model, self.chat, self.include_usage, self.logprobs = model, chat, include_usage, logprobs
+        self.created = int(time.time())
+        self._offset = 0  # characters of the returned text so far (text_offset)
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(r: GenerationResult) -> Usage:
+        return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                     total_tokens=r.prompt_tokens + r.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=r.cached_tokens))
+
+    def _logprobs(self, tokens: Sequence[TokenLogprob]) -> CompletionLogprobs | ChatLogprobs | None:
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            return ChatLogprobs(content=[ChatTokenLogprob(**_entry(t.text, t.logprob),
+                                                          top_logprobs=[TopLogprob(**_entry(a, lp)) for a, lp in t.top])
+                                         for t in tokens], refusal=None)
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offset)
+            self._offset += len(t.text)
+        # the sampled token's own logprob is always among the alternatives (OpenAI: up to logprobs + 1 of them)
+        top = [None if t.logprob is None else {**dict(t.top), t.text: t.logprob} for t in tokens]
+        return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
+                                  top_logprobs=top, text_offset=offsets)
+
+    def complete(self, r: GenerationResult) -> Completion | ChatCompletion:
+        finish = r.finish_reason
+        logprobs = self._logprobs([*(r.prompt_logprobs or ()), *(r.logprobs or ())])
+        if self.chat:
+            message = AssistantMessage(role="assistant", content=r.text)
+            return ChatCompletion(**self._head(), object="chat.completion", usage=self.usage(r),
+                                  choices=[ChatChoice(index=0, finish_reason=finish, logprobs=logprobs,
+                                                      message=message)])
+        return Completion(**self._head(), object="text_completion", usage=self.usage(r),
+                          choices=[CompletionChoice(index=0, finish_reason=finish, logprobs=logprobs,
+                                                    text=(r.prompt_text or "") + r.text)])
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False,
+              tokens: Sequence[TokenLogprob] = ()) -> CompletionChunk | ChatCompletionChunk:
+        extra: dict[str, Any] = {"usage": None} if self.include_usage else {}
+        logprobs = self._logprobs(tokens) if tokens else None
+        if self.chat:
+            if first:
+                delta = ChatDelta(role="assistant", content=text or "")
+            else:
+                delta = ChatDelta(content=text) if text else ChatDelta()
+            choice = ChatChunkChoice(index=0, logprobs=logprobs, finish_reason=finish_reason, delta=delta)
+            return ChatCompletionChunk(**self._head(), object="chat.completion.chunk", choices=[choice], **extra)
+        choice = CompletionChunkChoice(index=0, logprobs=logprobs, finish_reason=finish_reason, text=text or "")
+        return CompletionChunk(**self._head(), object="text_completion", choices=[choice], **extra)
+
+    def usage_chunk(self, r: GenerationResult) -> CompletionChunk | ChatCompletionChunk:
+        if self.chat:
+            return ChatCompletionChunk(**self._head(), object="chat.completion.chunk", choices=[],
+                                       usage=self.usage(r))
+        return CompletionChunk(**self._head(), object="text_completion", choices=[], usage=self.usage(r))
+
+
+def _entry(text: str, logprob: float | None) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def stream_item(item: BaseModel) -> dict[str, Any]:
+    """A response object as one SSE event's JSON (only the fields its builder set)."""
+    return item.model_dump(mode="json", exclude_unset=True)
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Out):
+    tokens: list[int]
+    count: int
+
+
+class DetokenizeResponse(_Out):
+    text: str
+
+
+class Health(_Out):
+    """200 `{"status": "ok", "model"}`; 503 `{"status": "loading"}` or `{"status": "error", "error"}`."""
+
+    status: Literal["ok", "loading", "error"]
+    model: str | None = None
+    error: str | None = None
+
+
+class ErrorInfo(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(_Out):
+    """Every error, as an HTTP answer or as an event inside a stream."""
+
+    error: ErrorInfo

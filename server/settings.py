@@ -1,12 +1,12 @@
 """Server settings: the only code in the server that reads the environment.
 
 Every setting is an environment variable `FAM_<NAME>` (e.g. `FAM_PORT=9000`, `FAM_API_KEYS=k1,k2`); the
-`fam-server` command line flags override them (see `server.__main__`). Tests build `Settings(...)` directly.
+`fam-server` command line flags (`FLAGS`) override them (see `server.__main__`). Tests build `Settings(...)`
+directly.
 """
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -14,41 +14,58 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import MODES
 from server.engine import EngineConfig
-from server.engine.store import atomic_write
+
+# The settings `fam-server` also takes as command line flags (`data_dir` -> `--data-dir`); the rest come from the
+# environment only. Every flag's help is its field's description (see server.__main__).
+FLAGS = ("host", "port", "model", "adapter", "mode", "block_size", "memory_blocks", "fam_len", "dtype", "device",
+         "data_dir")
 
 
 class Settings(BaseSettings):
+    """Pure data: reading it touches no file (the data directory's lock and secret are taken at start-up, in
+    `server.data_dir`)."""
+
     model_config = SettingsConfigDict(env_prefix="FAM_", extra="ignore")
 
     # --- listening
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
 
     # --- the model (None / unset = what the model package chooses: the default model, the adapter's FAM config)
-    model: str | None = None  # a Hugging Face folder, a .gguf file or a hub id; unset = SmolLM2-135M-Instruct
-    adapter: str | None = "auto"  # a FAM adapter file, "auto" (the bundled one for the default model) or "none"
-    mode: str | None = None  # default mode of new sessions and session-less requests; unset = sink
-    block_size: int | None = Field(None, ge=1)
-    memory_blocks: int | None = Field(None, ge=0)
-    fam_len: int | None = Field(None, ge=1)
-    dtype: str = "bfloat16"
-    device: str = "auto"
+    model: str | None = Field(None, description="a Hugging Face folder, a .gguf file or a hub id "
+                                                "(unset: SmolLM2-135M-Instruct)")
+    adapter: str | None = Field("auto", description="a FAM adapter file, 'auto' (the bundled one for the default "
+                                                    "model) or 'none'")
+    mode: str | None = Field(None, description=f"default mode of new sessions and session-less requests: "
+                                               f"{', '.join(MODES)} (unset: sink)")
+    block_size: int | None = Field(None, ge=1, description="tokens per block B (unset: the adapter's or the "
+                                                           "model's)")
+    memory_blocks: int | None = Field(None, ge=0, description="memory blocks m (unset: the adapter's or the "
+                                                              "model's)")
+    fam_len: int | None = Field(None, ge=1, description="FAM vectors per layer F (unset: the adapter's or the "
+                                                        "model's)")
+    dtype: str = Field("bfloat16", description="bfloat16 or float32")
+    device: str = Field("auto", description="cpu, cuda or auto")
 
     # --- storage and security
-    data_dir: Path = Path("./data")  # session snapshots and the generated snapshot secret live here
-    secret: SecretStr | None = None  # HMAC key for snapshots; unset = generated once and kept in data_dir/secret
-    api_keys: SecretStr | None = None  # comma-separated Bearer keys; unset = no authentication
+    data_dir: Path = Field(Path("./data"), description="where session snapshots, the generated snapshot secret "
+                                                       "and the server's lock are kept")
+    secret: SecretStr | None = Field(None, description="HMAC key for snapshots (unset: generated once and kept in "
+                                                       "data_dir/secret)")
+    api_keys: SecretStr | None = Field(None, description="comma-separated Bearer keys (unset: no authentication)")
 
     # --- limits
-    max_body_bytes: int = Field(64 * 2**20, ge=1024)  # larger request bodies get 413
-    max_pdf_pages: int = Field(2000, ge=1)
-    max_sessions: int = Field(1000, ge=1)
-    max_queue: int = Field(64, ge=1)  # unfinished requests on the model worker; more get 429 + Retry-After
-    max_tokens: int = Field(4096, ge=1)  # cap on max_tokens / max_completion_tokens of one request
-    memory_budget_bytes: int = Field(2 * 2**30, ge=0)  # resident session states above this spill to disk
-    checkpoint_seconds: float = Field(60.0, gt=0)  # a long ingest also saves its session this often
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_pdf_pages: int = Field(2000, ge=1, description="PDFs with more pages get 413")
+    max_sessions: int = Field(1000, ge=1, description="more sessions get 429 too_many_sessions")
+    max_queue: int = Field(64, ge=1, description="unfinished requests on the model worker; more get 429 + "
+                                                 "Retry-After")
+    max_tokens: int = Field(4096, ge=1, description="cap on max_tokens / max_completion_tokens of one request")
+    memory_budget_bytes: int = Field(2 * 2**30, ge=0, description="resident session states above this spill to "
+                                                                  "disk")
+    checkpoint_seconds: float = Field(60.0, gt=0, description="a long ingest also saves its session this often")
 
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("mode")
     @classmethod
@@ -72,21 +89,11 @@ class Settings(BaseSettings):
         given = {"block_size": self.block_size, "memory_blocks": self.memory_blocks, "fam_len": self.fam_len}
         return {k: v for k, v in given.items() if v is not None}
 
-    def snapshot_secret(self) -> bytes:
-        """FAM_SECRET, or a random secret generated on first use and kept (mode 0600) in data_dir/secret, so
-        that snapshots signed before a restart still verify after it."""
-        if self.secret is not None:
-            return self.secret.get_secret_value().encode()
-        path = self.data_dir / "secret"
-        if not path.is_file():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, secrets.token_hex(32).encode(), mode=0o600)
-        return path.read_bytes().strip()
-
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, secret: bytes) -> EngineConfig:
+        """The engine's configuration; `secret` is the snapshot key (`server.data_dir.snapshot_secret`)."""
         return EngineConfig(
             data_dir=self.data_dir,
-            secret=self.snapshot_secret(),
+            secret=secret,
             default_mode=self.mode,
             max_sessions=self.max_sessions,
             max_queue=self.max_queue,

@@ -1,16 +1,25 @@
 """Shared fixtures: tiny random Llama / Qwen2 checkpoints written to disk and loaded through the real loader.
 
 `tiny_chat_dir` is a tiny random Llama with the default model's real tokenizer (vocab 49,152, ChatML template),
-for tests of everything above the model (engine, HTTP, clients) that need text in and text out, fast.
+for tests of everything above the model (engine, HTTP, clients) that need text in and text out, fast;
+`tiny_runtime` is it loaded once with a small block size (so block logic runs on short texts), and
+`live_server` runs the real app over it on a loopback port.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import uvicorn
+
+from model import FamConfig, FamRuntime
 
 torch.set_num_threads(2)
 
@@ -72,3 +81,41 @@ def _pdf_bytes(pages: list[str]) -> bytes:
 def pdf_bytes():
     """pages -> PDF bytes, for the ingest tests of every layer."""
     return _pdf_bytes
+
+
+TINY_FAM = FamConfig(block_size=16, memory_blocks=1, fam_len=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(tiny_chat_dir: Path) -> FamRuntime:
+    return FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def live_server(tmp_path: Path, tiny_runtime: FamRuntime) -> Iterator[Callable[..., str]]:
+    """live_server(**settings) -> base URL of a real uvicorn on a free loopback port, in a thread (for tests
+    that need a socket: client disconnects, true streaming, the stock openai client)."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(runtime: FamRuntime | None = None, **overrides: Any) -> str:
+        from server.app import create_app
+        from server.settings import Settings
+
+        data_dir = tmp_path / f"data-{len(servers)}" if servers else tmp_path / "data"  # one server per data dir
+        settings = Settings(**{"data_dir": data_dir, "secret": "test-secret", **overrides})
+        app = create_app(settings, runtime or tiny_runtime)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        servers.append((server, thread))
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=30)

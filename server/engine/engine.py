@@ -107,6 +107,11 @@ class Engine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
+    @property
+    def model_name(self) -> str:
+        """The loaded model's name: what `/v1/models` lists and every answer names."""
+        return self.rt.name
+
     # ---------------------------------------------------------------------------------------------- text
 
     def encode(self, text: str) -> list[int]:
@@ -147,10 +152,6 @@ class Engine:
                                        exact_chunks=self._exact_chunks, paged=False)
 
     # ---------------------------------------------------------------------------------------------- sessions
-
-    @property
-    def model_name(self) -> str:
-        return self.rt.name
 
     def session_info(self, s: Session) -> SessionInfo:
         return s.info(self.rt.name)

@@ -8,128 +8,70 @@ join an ingested document).
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 
+from server import openapi
 from server.deps import EngineDep, OwnerDep, sse_response, wait_for
-from server.engine import Echoed, Failed, Finished, GenerationResult, Job, TextDelta, TokenLogprob
+from server.engine import Echoed, Failed, Finished, Job, TextDelta
 from server.errors import error_body, from_exception
-from server.protocol import ChatRequest, CompletionRequest
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    Reply,
+    stream_item,
+)
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=openapi.ERRORS)
+STREAM_NOTE = "with `stream`: one chunk per event, then `[DONE]`; an error after the start is sent as an event"
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=Completion,
+             responses={200: {"content": openapi.sse(CompletionChunk, description=STREAM_NOTE)}})
 async def completions(req: CompletionRequest, request: Request, engine: EngineDep, owner: OwnerDep) -> Any:
     prompt = req.prompt_text_or_ids()
     ids = await engine.tokenize(prompt) if isinstance(prompt, str) else prompt
     job = engine.generate(owner, req.sampling_params(), session_id=req.session_id, commit=req.commit, prompt_ids=ids,
                           logprobs=req.logprobs, echo=bool(req.echo))
-    reply = Reply("cmpl", "text_completion", engine.model_name, chat=False, logprobs=req.logprobs)
-    return await _respond(reply, job, request, req.stream, req.include_usage)
+    reply = Reply(engine.model_name, chat=False, include_usage=req.include_usage, logprobs=req.logprobs)
+    return await _respond(reply, job, request, req.stream)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": openapi.sse(ChatCompletionChunk, description=STREAM_NOTE)}})
 async def chat_completions(req: ChatRequest, request: Request, engine: EngineDep, owner: OwnerDep) -> Any:
     job = engine.generate(owner, req.sampling_params(), session_id=req.session_id, commit=req.commit,
                           messages=req.template_messages(), logprobs=req.logprobs_count())
-    reply = Reply("chatcmpl", "chat.completion", engine.model_name, chat=True, logprobs=req.logprobs_count())
-    return await _respond(reply, job, request, req.stream, req.include_usage)
+    reply = Reply(engine.model_name, chat=True, include_usage=req.include_usage, logprobs=req.logprobs_count())
+    return await _respond(reply, job, request, req.stream)
 
 
-class Reply:
-    """Builds the response objects of one request (all chunks share id and created). With logprobs, a completion
-    carries OpenAI's legacy `{tokens, token_logprobs, top_logprobs, text_offset}` (offsets into the returned
-    text, which starts with the prompt under echo), a chat `{content: [{token, logprob, bytes, top_logprobs}]}`."""
-
-    def __init__(self, id_prefix: str, object_name: str, model: str, chat: bool, logprobs: int | None = None):
-        self.id, self.object, self.model, self.chat = f"{id_prefix}-{uuid.uuid4().hex}", object_name, model, chat
-        self.created = int(time.time())
-        self.logprobs = logprobs
-        self._offset = 0  # characters of the returned text so far (completion logprobs' text_offset)
-
-    def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "choices": choices}
-
-    @staticmethod
-    def usage(r: GenerationResult) -> dict[str, Any]:
-        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
-
-    def logprobs_of(self, tokens: Sequence[TokenLogprob]) -> dict[str, Any] | None:
-        if self.logprobs is None:
-            return None
-        if self.chat:
-            return {"content": [{**_chat_entry(t.text, t.logprob),
-                                 "top_logprobs": [_chat_entry(a, lp) for a, lp in t.top]} for t in tokens],
-                    "refusal": None}
-        offsets = []
-        for t in tokens:
-            offsets.append(self._offset)
-            self._offset += len(t.text)
-        # the sampled token's own logprob is always among the alternatives (OpenAI: up to logprobs + 1 of them)
-        top = [None if t.logprob is None else {**dict(t.top), t.text: t.logprob} for t in tokens]
-        return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": top, "text_offset": offsets}
-
-    def complete(self, r: GenerationResult) -> dict[str, Any]:
-        tokens = [*(r.prompt_logprobs or ()), *(r.logprobs or ())]
-        choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason, "logprobs": self.logprobs_of(tokens)}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": r.text}
-        else:
-            choice["text"] = (r.prompt_text or "") + r.text
-        return {**self._envelope(self.object, [choice]), "usage": self.usage(r)}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False,
-              tokens: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        logprobs = self.logprobs_of(tokens) if tokens else None
-        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
-                delta["content"] = text
-            choice["delta"] = delta
-            return self._envelope("chat.completion.chunk", [choice])
-        choice["text"] = text or ""
-        return self._envelope("text_completion", [choice])
-
-    def usage_chunk(self, r: GenerationResult) -> dict[str, Any]:
-        name = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._envelope(name, []), "usage": self.usage(r)}
-
-
-def _chat_entry(text: str, logprob: float | None) -> dict[str, Any]:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-
-async def _respond(reply: Reply, job: Job, request: Request, stream: bool | None, include_usage: bool) -> Any:
+async def _respond(reply: Reply, job: Job, request: Request, stream: bool | None) -> Any:
     if stream:
-        return sse_response(_chunks(reply, job, include_usage), job)
+        return sse_response(_chunks(reply, job), job)
     return reply.complete(await wait_for(request, job))
 
 
-async def _chunks(reply: Reply, job: Job, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _chunks(reply: Reply, job: Job) -> AsyncIterator[dict[str, Any]]:
     """Chunks as OpenAI streams them: with include_usage every chunk has `usage: null` and a last chunk with
     empty choices carries the usage. Under echo the prompt comes first, in a chunk of its own."""
-    extra = {"usage": None} if include_usage else {}
     if reply.chat:
-        yield {**reply.chunk(None, first=True), **extra}
+        yield stream_item(reply.chunk(None, first=True))
     async for event in job.events():
         if isinstance(event, TextDelta):
-            yield {**reply.chunk(event.text, tokens=event.logprobs), **extra}
+            yield stream_item(reply.chunk(event.text, tokens=event.logprobs))
         elif isinstance(event, Echoed):
-            yield {**reply.chunk(event.text, tokens=event.logprobs or ()), **extra}
+            yield stream_item(reply.chunk(event.text, tokens=event.logprobs or ()))
         elif isinstance(event, Finished):
-            yield {**reply.chunk(None, event.result.finish_reason), **extra}
-            if include_usage:
-                yield reply.usage_chunk(event.result)
+            yield stream_item(reply.chunk(None, event.result.finish_reason))
+            if reply.include_usage:
+                yield stream_item(reply.usage_chunk(event.result))
         elif isinstance(event, Failed):
             code, message, param, _ = from_exception(event.error)
             yield error_body(code, message, param)

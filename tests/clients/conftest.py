@@ -1,30 +1,116 @@
-"""An in-memory emulation of the fam-server HTTP API for ``httpx.MockTransport``, and fixtures around it.
+"""The client and CLI tests run against the real fam-server app (the tiny chat model, on a loopback port).
 
-The fake follows the API contract the real server implements (paths, bodies, status codes, SSE framing), so
-client and CLI tests exercise the same requests and answers they will meet in production, without a model.
+The `server` fixture is that app behind a transport that records every request the client sends and can
+answer the next ones from a script (refusals, resets, 429/503 sequences, broken or malformed answers) instead
+of passing them on: only the failures a real server cannot be made to produce on demand are scripted. Clients
+may use any base URL (`http://fam.test`); the transport delivers the requests to the app.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import json
-import re
-import time
-import uuid
-from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-ANSWER_PIECES = ["Paris", " is", " the", " capital", "."]
-MODEL_ID = "smollm2-135m-fam"
+from clients import client as client_module
 
 
-class FakeServer:
-    """Routes requests like the real server, keeps sessions in a dict, and records every request."""
+class Server(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    def __init__(self, base_url: str) -> None:
+        self.url = httpx.URL(base_url)
+        self.requests: list[httpx.Request] = []
+        # Answers (or exceptions to raise) for the next requests, before they reach the app.
+        self.script: list[httpx.Response | Exception] = []
+        self.script_by_path: dict[str, list[httpx.Response]] = {}  # the same, only for requests to that path
+        self.http = httpx.Client(base_url=base_url, timeout=60)  # for the tests' own look-ups (not recorded)
+        self._sync = httpx.HTTPTransport()
+        self._async: dict[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = {}  # one per test event loop
+
+    # -- the transport (sync and async)
+
+    @property
+    def transport(self) -> Server:
+        return self
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        scripted = self._scripted(request)
+        return scripted if scripted is not None else self._sync.handle_request(self._to_app(request))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        scripted = self._scripted(request)
+        if scripted is not None:
+            return scripted
+        loop = asyncio.get_running_loop()
+        forward = self._async.setdefault(loop, httpx.AsyncHTTPTransport())
+        return await forward.handle_async_request(self._to_app(request))
+
+    def _scripted(self, request: httpx.Request) -> httpx.Response | None:
+        self.requests.append(request)
+        by_path = self.script_by_path.get(request.url.path)
+        if by_path:
+            return by_path.pop(0)
+        if not self.script:
+            return None
+        answer = self.script.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _to_app(self, request: httpx.Request) -> httpx.Request:
+        url = request.url.copy_with(scheme=self.url.scheme, host=self.url.host, port=self.url.port)
+        return httpx.Request(request.method, url, headers=request.headers, content=request.content,
+                             extensions=request.extensions)
+
+    def close(self) -> None:
+        """A client closing its transport leaves the app reachable for the next client of the test."""
+
+    async def aclose(self) -> None:
+        pass
+
+    def shut(self) -> None:
+        self.http.close()
+        self._sync.close()
+
+    # -- what the tests look at
+
+    def paths(self) -> list[str]:
+        return [f"{r.method} {r.url.path}" for r in self.requests]
+
+    @property
+    def model(self) -> str:
+        return self.http.get("/v1/models").json()["data"][0]["id"]
+
+    def new_session(self, mode: str | None = None, metadata: dict[str, Any] | None = None,
+                    text: str | None = None) -> dict[str, Any]:
+        """A session made directly on the app (not through the client under test), holding `text` if given."""
+        body = {k: v for k, v in {"mode": mode, "metadata": metadata}.items() if v is not None}
+        session = self.http.post("/v1/sessions", json=body).raise_for_status().json()
+        if text is not None:
+            session = self.http.post(f"/v1/sessions/{session['id']}/ingest", json={"text": text})
+            session = session.raise_for_status().json()
+        return session
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        return self.http.get(f"/v1/sessions/{session_id}").raise_for_status().json()
+
+    def sessions(self) -> dict[str, dict[str, Any]]:
+        return {s["id"]: s for s in self.http.get("/v1/sessions").raise_for_status().json()["data"]}
+
+    def greedy_chat(self, messages: list[dict[str, str]], **body: Any) -> str:
+        """What the app answers (temperature 0) without the client, to compare the client's text with."""
+        r = self.http.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, **body})
+        return r.raise_for_status().json()["choices"][0]["message"]["content"]
+
+    # -- scripted answers
 
     @staticmethod
     def sse(*payloads: Any, done: bool = True) -> bytes:
@@ -35,18 +121,15 @@ class FakeServer:
         return "".join(f"data: {event}\n\n" for event in events).encode()
 
     @staticmethod
-    def error_body(
-        code: str, message: str, type_: str = "invalid_request_error", param: str | None = None
-    ) -> dict:
+    def error_body(code: str, message: str, type_: str = "invalid_request_error",
+                   param: str | None = None) -> dict:
         return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
     @classmethod
-    def error(
-        cls, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> httpx.Response:
-        """An error answer shaped like the server's."""
+    def error(cls, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        """An error answer in the server's shape."""
         kind = "server_error" if status >= 500 else "invalid_request_error"
-        kind = "authentication_error" if status == 401 else kind
+        kind = "rate_limit_error" if status == 429 else kind
         return httpx.Response(status, json=cls.error_body(code, message, kind), headers=headers)
 
     @staticmethod
@@ -58,242 +141,33 @@ class FakeServer:
         field = part.get_param("name", header="content-disposition")
         return field, part.get_filename(), part.get_content_type(), part.get_payload(decode=True)
 
-    def __init__(self, api_key: str | None = None) -> None:
-        self.api_key = api_key
-        self.sessions: dict[str, dict[str, Any]] = {}
-        self.requests: list[httpx.Request] = []
-        self.ingests: dict[tuple[str, str], dict[str, Any]] = {}  # (session, Idempotency-Key) -> result
-        self.commits: list[str] = []  # user messages committed to sessions
-        self.ingest_error: str | None = None  # set to a code to fail ingests mid-stream
-        self.busy_generations = 0  # the next this many completions find their session busy (409)
-        # Answers (or exceptions to raise) for the next requests, before normal routing: failures to retry.
-        self.script: list[httpx.Response | Exception] = []
-        self.routes: list[tuple[str, re.Pattern[str], Callable[..., httpx.Response]]] = [
-            ("POST", re.compile(r"/v1/sessions"), self.create),
-            ("GET", re.compile(r"/v1/sessions"), self.list),
-            ("POST", re.compile(r"/v1/sessions/import"), self.import_state),
-            ("GET", re.compile(r"/v1/sessions/([^/]+)"), self.get),
-            ("DELETE", re.compile(r"/v1/sessions/([^/]+)"), self.delete),
-            ("POST", re.compile(r"/v1/sessions/([^/]+)/ingest"), self.ingest),
-            ("POST", re.compile(r"/v1/sessions/([^/]+)/fork"), self.fork),
-            ("GET", re.compile(r"/v1/sessions/([^/]+)/state"), self.export_state),
-            ("POST", re.compile(r"/v1/chat/completions"), self.chat),
-            ("POST", re.compile(r"/v1/completions"), self.complete),
-            ("GET", re.compile(r"/v1/models"), self.models),
-            ("POST", re.compile(r"/tokenize"), self.tokenize),
-            ("POST", re.compile(r"/detokenize"), self.detokenize),
-            ("GET", re.compile(r"/health"), lambda request: httpx.Response(200, json={"status": "ok"})),
-            ("GET", re.compile(r"/metrics"), lambda request: httpx.Response(200, text="fam_sessions 1\n")),
-        ]
 
-    @property
-    def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self)
-
-    def paths(self) -> list[str]:
-        return [f"{r.method} {r.url.path}" for r in self.requests]
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.script:
-            answer = self.script.pop(0)
-            if isinstance(answer, Exception):
-                raise answer
-            return answer
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return self.error(401, "unauthorized", "invalid API key")
-        path = request.url.path
-        for method, pattern, handler in self.routes:
-            match = pattern.fullmatch(path)
-            if match and method == request.method:
-                return handler(request, *match.groups())
-        return self.error(404, "not_found", f"no route {request.method} {path}")
-
-    # -- sessions
-
-    def new_session(self, mode: str = "fam", metadata: dict[str, Any] | None = None, tokens: int = 0) -> dict:
-        session = {
-            "id": f"sess_{uuid.uuid4().hex[:12]}",
-            "object": "session",
-            "mode": mode,
-            "model": MODEL_ID,
-            "tokens": tokens,
-            "state_bytes": 4096 + 2 * tokens,
-            "created": 1_767_225_600,
-            "metadata": metadata or {},
-        }
-        self.sessions[session["id"]] = session
-        return session
-
-    def lookup(self, session_id: str) -> dict[str, Any] | httpx.Response:
-        if session_id not in self.sessions:
-            return self.error(404, "session_not_found", f"session {session_id} not found")
-        return self.sessions[session_id]
-
-    def create(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content or b"{}")
-        return httpx.Response(201, json=self.new_session(body.get("mode", "fam"), body.get("metadata")))
-
-    def list(self, request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"object": "list", "data": list(self.sessions.values())})
-
-    def get(self, request: httpx.Request, session_id: str) -> httpx.Response:
-        found = self.lookup(session_id)
-        return found if isinstance(found, httpx.Response) else httpx.Response(200, json=found)
-
-    def delete(self, request: httpx.Request, session_id: str) -> httpx.Response:
-        found = self.lookup(session_id)
-        if isinstance(found, httpx.Response):
-            return found
-        del self.sessions[session_id]
-        return httpx.Response(200, json={"id": session_id, "object": "session.deleted", "deleted": True})
-
-    def fork(self, request: httpx.Request, session_id: str) -> httpx.Response:
-        found = self.lookup(session_id)
-        if isinstance(found, httpx.Response):
-            return found
-        return httpx.Response(201, json=self.new_session(found["mode"], found["metadata"], found["tokens"]))
-
-    def export_state(self, request: httpx.Request, session_id: str) -> httpx.Response:
-        found = self.lookup(session_id)
-        if isinstance(found, httpx.Response):
-            return found
-        snapshot = b"FAMSNAP\x00" + json.dumps(found).encode()
-        return httpx.Response(200, content=snapshot, headers={"content-type": "application/octet-stream"})
-
-    def import_state(self, request: httpx.Request) -> httpx.Response:
-        if not request.content.startswith(b"FAMSNAP\x00"):
-            return self.error(422, "invalid_snapshot", "not a FAM snapshot")
-        old = json.loads(request.content[8:])
-        return httpx.Response(201, json=self.new_session(old["mode"], old["metadata"], old["tokens"]))
-
-    # -- ingest
-
-    def ingest(self, request: httpx.Request, session_id: str) -> httpx.Response:
-        found = self.lookup(session_id)
-        if isinstance(found, httpx.Response):
-            return found
-        key = request.headers.get("idempotency-key", "")
-        if (session_id, key) in self.ingests:
-            return httpx.Response(200, content=self.sse(self.ingests[session_id, key]))
-        if request.headers["content-type"].startswith("multipart/form-data"):
-            _, filename, _, data = self.multipart_file(request)
-            is_pdf = filename.lower().endswith(".pdf")
-            text = data.decode("latin-1")
-            stream = request.url.params.get("stream") == "true"
-        else:
-            body = json.loads(request.content)
-            is_pdf, text, stream = False, body["text"], body.get("stream", False)
-        total = len(text.split())
-        pages = 2 if is_pdf else None
-        events: list[Any] = [
-            {
-                "object": "ingest.progress",
-                "tokens_done": done,
-                "tokens_total": total,
-                "pages_done": (pages if done == total else 1) if pages else None,
-                "pages_total": pages,
-            }
-            for done in (total // 2, total)
-        ]
-        if self.ingest_error:
-            return httpx.Response(
-                200, content=self.sse(events[0], self.error_body(self.ingest_error, "cannot read PDF"))
-            )
-        found["tokens"] += total
-        found["state_bytes"] += 2 * total
-        if key:
-            self.ingests[session_id, key] = dict(found)
-        assert stream, "the client always asks for a streaming ingest"
-        return httpx.Response(
-            200, content=self.sse(*events, found), headers={"content-type": "text/event-stream"}
-        )
-
-    # -- generation
-
-    def generation(self, request: httpx.Request, chat: bool) -> httpx.Response:
-        body = json.loads(request.content)
-        session_id = body.get("session_id")
-        if session_id is not None:
-            found = self.lookup(session_id)
-            if isinstance(found, httpx.Response):
-                return found
-            if self.busy_generations:
-                self.busy_generations -= 1
-                return self.error(409, "session_busy", "session is busy")
-            if body.get("commit"):
-                self.commits.append(body["messages"][-1]["content"] if chat else body["prompt"])
-                found["tokens"] += 10
-        usage = {
-            "prompt_tokens": 7,
-            "completion_tokens": len(ANSWER_PIECES),
-            "total_tokens": 7 + len(ANSWER_PIECES),
-        }
-        kind = "chat.completion" if chat else "text_completion"
-        if not body.get("stream"):
-            text = "".join(ANSWER_PIECES)
-            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            return httpx.Response(
-                200,
-                json={
-                    "id": "cmpl-1",
-                    "object": kind,
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", **choice}],
-                    "usage": usage,
-                },
-            )
-        chunks: list[dict[str, Any]] = []
-        for i, piece in enumerate(ANSWER_PIECES):
-            delta = ({"role": "assistant"} if i == 0 else {}) | {"content": piece}
-            part = {"delta": delta} if chat else {"text": piece}
-            finish = "stop" if i == len(ANSWER_PIECES) - 1 else None
-            chunks.append(
-                {
-                    "id": "cmpl-1",
-                    "object": f"{kind}.chunk",
-                    "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": finish, **part}],
-                }
-            )
-        if body.get("stream_options", {}).get("include_usage"):
-            chunks.append({"id": "cmpl-1", "object": f"{kind}.chunk", "choices": [], "usage": usage})
-        return httpx.Response(200, content=self.sse(*chunks), headers={"content-type": "text/event-stream"})
-
-    def chat(self, request: httpx.Request) -> httpx.Response:
-        return self.generation(request, chat=True)
-
-    def complete(self, request: httpx.Request) -> httpx.Response:
-        return self.generation(request, chat=False)
-
-    # -- utilities
-
-    def models(self, request: httpx.Request) -> httpx.Response:
-        model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "fam-server"}
-        return httpx.Response(200, json={"object": "list", "data": [model]})
-
-    def tokenize(self, request: httpx.Request) -> httpx.Response:
-        tokens = [ord(c) for c in json.loads(request.content)["text"]]
-        return httpx.Response(200, json={"tokens": tokens, "count": len(tokens)})
-
-    def detokenize(self, request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"text": "".join(map(chr, json.loads(request.content)["tokens"]))})
+@pytest.fixture
+def server(live_server) -> Server:
+    """A fresh app per test (its own sessions and data dir)."""
+    s = Server(live_server())
+    yield s
+    s.shut()
 
 
 @pytest.fixture
-def server() -> FakeServer:
-    return FakeServer()
+def keyed_server(live_server) -> Server:
+    """An app that needs `Authorization: Bearer sk-right`."""
+    s = Server(live_server(api_keys="sk-right"))
+    s.http.headers["Authorization"] = "Bearer sk-right"
+    yield s
+    s.shut()
 
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Records the client's back-off waits instead of sleeping (sync and async clients)."""
+    """Records the client's back-off waits instead of sleeping (sync and async clients). Only the client's
+    module sees the stand-ins: the app's event loop (in another thread) still sleeps for real."""
     waits: list[float] = []
 
     async def async_sleep(seconds: float) -> None:
         waits.append(seconds)
 
-    monkeypatch.setattr(time, "sleep", waits.append)
-    monkeypatch.setattr(anyio, "sleep", async_sleep)
+    monkeypatch.setattr(client_module, "time", SimpleNamespace(sleep=waits.append))
+    monkeypatch.setattr(client_module, "anyio", SimpleNamespace(sleep=async_sleep, Path=anyio.Path))
     return waits

@@ -1,4 +1,5 @@
-"""The blocking Client against the in-memory fake server (see conftest.py)."""
+"""The blocking Client against the real app, with scripted failures where a real server cannot produce them
+(see conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from clients.client import Client
 from clients.streams import TextStream
 from clients.types import Completion, IngestProgress, Session, Usage
 
-ANSWER = "Paris is the capital."
 QUESTION = [{"role": "user", "content": "What is the capital?"}]
+GREEDY = {"max_tokens": 6, "temperature": 0.0}
+TEXT = "The capital of the kingdom was moved to the coast in the spring. " * 3
 
 
 @pytest.fixture
@@ -32,15 +34,14 @@ def body(request: httpx.Request) -> dict:
 # -- configuration
 
 
-def test_base_url_and_api_key_default_to_the_environment(server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_base_url_and_api_key_default_to_the_environment(keyed_server, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAM_SERVER", "http://env.test:9000/")
-    monkeypatch.setenv("FAM_API_KEY", "sk-env")
-    server.api_key = "sk-env"
-    with Client(transport=server.transport) as fam:
-        assert fam.list_sessions() == []
-    (request,) = server.requests
+    monkeypatch.setenv("FAM_API_KEY", "sk-right")
+    with Client(transport=keyed_server.transport) as fam:
+        assert fam.list_sessions() == []  # the key from the environment is accepted
+    (request,) = keyed_server.requests
     assert str(request.url) == "http://env.test:9000/v1/sessions"
-    assert request.headers["authorization"] == "Bearer sk-env"
+    assert request.headers["authorization"] == "Bearer sk-right"
 
 
 def test_without_environment_the_local_default_and_no_auth_header(server, monkeypatch) -> None:
@@ -52,9 +53,8 @@ def test_without_environment_the_local_default_and_no_auth_header(server, monkey
     assert "authorization" not in server.requests[0].headers
 
 
-def test_wrong_api_key_raises_authentication_error(server) -> None:
-    server.api_key = "sk-right"
-    with Client("http://fam.test", api_key="sk-wrong", transport=server.transport) as fam:
+def test_wrong_api_key_raises_authentication_error(keyed_server) -> None:
+    with Client("http://fam.test", api_key="sk-wrong", transport=keyed_server.transport) as fam:
         with pytest.raises(errors.AuthenticationError) as caught:
             fam.list_sessions()
     assert caught.value.status == 401
@@ -87,7 +87,7 @@ def test_session_crud(client: Client, server) -> None:
 
 
 def test_create_session_without_options_sends_an_empty_object(client: Client, server) -> None:
-    assert client.create_session().mode == "fam"
+    assert client.create_session().mode == "sink"  # the server's default (the tiny model has no adapter)
     assert body(server.requests[0]) == {}
 
 
@@ -96,7 +96,7 @@ def test_missing_session_raises_not_found_with_the_server_fields(client: Client)
         client.get_session("sess_nope")
     exc = caught.value
     assert (exc.status, exc.code, exc.type) == (404, "session_not_found", "invalid_request_error")
-    assert exc.message == "session sess_nope not found"
+    assert exc.message == "no session 'sess_nope'" and exc.param == "session_id"
 
 
 def test_session_ids_are_escaped_in_paths(client: Client, server) -> None:
@@ -114,10 +114,10 @@ def test_malformed_session_body_raises_protocol_error(client: Client, server) ->
 def test_export_and_import_state(client: Client, server) -> None:
     original = client.create_session(mode="sink", metadata={"k": "v"})
     snapshot = client.export_state(original.id)
-    assert isinstance(snapshot, bytes) and snapshot.startswith(b"FAMSNAP\x00")
+    assert isinstance(snapshot, bytes) and snapshot.startswith(b"FAMSNAP1")
     restored = client.import_state(snapshot)
     assert restored.id != original.id
-    assert (restored.mode, restored.metadata) == ("sink", {"k": "v"})
+    assert (restored.mode, restored.metadata, restored.tokens) == ("sink", {"k": "v"}, original.tokens)
     upload = server.requests[-1]
     assert upload.headers["content-type"] == "application/octet-stream"
     assert upload.content == snapshot
@@ -135,22 +135,25 @@ def test_importing_garbage_raises_invalid_snapshot(client: Client) -> None:
 def test_ingest_text_streams_progress_to_the_callback(client: Client, server) -> None:
     session = client.create_session()
     seen: list[IngestProgress] = []
-    result = client.ingest_text(session.id, "one two three four five six", progress=seen.append)
-    assert seen == [IngestProgress(3, 6), IngestProgress(6, 6)]
-    assert result.tokens == 6 and result.id == session.id
+    result = client.ingest_text(session.id, TEXT, progress=seen.append)
+    done = [p.tokens_done for p in seen]
+    assert len(seen) > 2 and done == sorted(done) and done[-1] == seen[-1].tokens_total
+    assert all(p.pages_done is None and p.pages_total is None for p in seen)  # text has no pages
+    assert result.id == session.id and result.tokens > seen[-1].tokens_total  # plus the turn's opening
     request = server.requests[-1]
-    assert body(request) == {"text": "one two three four five six", "stream": True}
+    assert body(request) == {"text": TEXT, "stream": True}
     assert uuid.UUID(request.headers["idempotency-key"])
+    assert result == client.get_session(session.id)
 
 
-def test_ingest_file_uploads_a_pdf_as_multipart(client: Client, server, tmp_path: Path) -> None:
+def test_ingest_file_uploads_a_pdf_as_multipart(client: Client, server, tmp_path: Path, pdf_bytes) -> None:
     pdf = tmp_path / "Report.PDF"
-    pdf.write_bytes(b"%PDF-1.7 alpha beta gamma delta")
+    pdf.write_bytes(pdf_bytes(["Alpha beta gamma delta.", "Epsilon zeta eta theta."]))
     session = client.create_session()
     seen: list[IngestProgress] = []
     result = client.ingest_file(session.id, pdf, progress=seen.append)
-    assert result.tokens == 5
-    assert seen[-1] == IngestProgress(5, 5, pages_done=2, pages_total=2)
+    assert result.tokens > seen[-1].tokens_total > 0
+    assert (seen[-1].tokens_done, seen[-1].pages_done, seen[-1].pages_total) == (seen[-1].tokens_total, 2, 2)
     request = server.requests[-1]
     assert request.url.params["stream"] == "true"
     assert server.multipart_file(request) == ("file", "Report.PDF", "application/pdf", pdf.read_bytes())
@@ -160,7 +163,7 @@ def test_ingest_file_uploads_a_pdf_as_multipart(client: Client, server, tmp_path
 def test_ingest_file_content_type_follows_the_suffix(client, server, tmp_path, suffix, content_type) -> None:
     path = tmp_path / f"notes{suffix}"
     path.write_text("# Notes\nsome words")
-    client.ingest_file(client.create_session().id, path)
+    assert client.ingest_file(client.create_session().id, path).tokens > 0
     assert server.multipart_file(server.requests[-1])[2] == content_type
 
 
@@ -174,13 +177,31 @@ def test_ingest_file_rejects_other_types_before_any_request(client: Client, serv
 
 def test_error_event_during_ingest_raises_the_mapped_error(client: Client, server) -> None:
     session = client.create_session()
-    server.ingest_error = "pdf_no_text"
+    progress = {"object": "ingest.progress", "tokens_done": 16, "tokens_total": 32, "pages_done": 1,
+                "pages_total": 2}
+    server.script = [httpx.Response(200, content=server.sse(progress, server.error_body("pdf_no_text", "no text")))]
     seen: list[IngestProgress] = []
     with pytest.raises(errors.PDFError) as caught:
         client.ingest_text(session.id, "a b c d", progress=seen.append)
     assert caught.value.code == "pdf_no_text"
     assert caught.value.status is None
-    assert len(seen) == 1  # progress before the error was still reported
+    assert seen == [IngestProgress(16, 32, 1, 2)]  # progress before the error was still reported
+
+
+def test_the_servers_refusal_inside_an_ingest_stream(client: Client, server) -> None:
+    session = client.create_session(mode="full")  # full mode is limited to the model's context (8192)
+    with pytest.raises(errors.BadRequestError) as caught:
+        client.ingest_text(session.id, "word " * 9000)
+    assert (caught.value.code, caught.value.status) == ("context_length_exceeded", None)
+    assert client.get_session(session.id).tokens == 0
+
+
+def test_a_pdf_without_text_is_refused_before_the_stream(client: Client, tmp_path: Path, pdf_bytes) -> None:
+    scan = tmp_path / "scan.pdf"
+    scan.write_bytes(pdf_bytes([""]))
+    with pytest.raises(errors.PDFError) as caught:
+        client.ingest_file(client.create_session().id, scan)
+    assert (caught.value.code, caught.value.status) == ("pdf_no_text", 422)
 
 
 def test_ingest_stream_cut_before_done_raises_protocol_error(client: Client, server) -> None:
@@ -204,26 +225,26 @@ def test_ingest_retries_reuse_one_idempotency_key_and_ingest_once(client: Client
         httpx.ReadTimeout("server is slow"),  # the request may have arrived: only the key makes a retry safe
         server.error(503, "model_loading", "loading", headers={"Retry-After": "0"}),
     ]
-    result = client.ingest_text(session.id, "a b c d")
+    result = client.ingest_text(session.id, TEXT)
     attempts = server.requests[1:]
     keys = {request.headers["idempotency-key"] for request in attempts}
     assert len(attempts) == 3 and len(keys) == 1
-    assert result.tokens == 4
+    assert result.tokens > 0
     assert sleeps[1] == 0.0
 
     # a repeat of that key is answered from the server's memory, not ingested again
     with httpx.Client(transport=server.transport) as raw:
         again = raw.send(attempts[-1])
-    assert b'"tokens": 4' in again.content
-    assert client.get_session(session.id).tokens == 4
+    assert again.status_code == 200 and f'"tokens": {result.tokens}' in again.text
+    assert client.get_session(session.id).tokens == result.tokens
     # a new ingest call gets a new key
-    client.ingest_text(session.id, "e f")
+    client.ingest_text(session.id, "More.")
     assert server.requests[-1].headers["idempotency-key"] not in keys
 
 
 def test_ingest_accepts_a_plain_json_session_where_a_stream_was_asked_for(client: Client, server) -> None:
     session = client.create_session()
-    stored = dict(server.sessions[session.id], tokens=42)
+    stored = dict(server.session(session.id), tokens=42)
     server.script = [httpx.Response(200, json=stored)]
     seen: list[IngestProgress] = []
     assert client.ingest_text(session.id, "a b", progress=seen.append).tokens == 42
@@ -235,17 +256,19 @@ def test_ingest_accepts_a_plain_json_session_where_a_stream_was_asked_for(client
 
 def test_chat_returns_text_finish_reason_and_usage(client: Client, server) -> None:
     session = client.create_session()
-    result = client.chat(QUESTION, session_id=session.id, max_tokens=32, temperature=0.0, seed=7)
-    assert result == Completion(
-        id="cmpl-1", model="smollm2-135m-fam", text=ANSWER, finish_reason="stop", usage=Usage(7, 5, 12)
-    )
+    result = client.chat(QUESTION, session_id=session.id, max_tokens=6, temperature=0.0, seed=7)
+    assert isinstance(result, Completion) and result.id.startswith("chatcmpl-")
+    assert result.model == server.model and result.finish_reason == "length"
+    assert result.text == server.greedy_chat(QUESTION, session_id=session.id, max_tokens=6)
+    assert result.usage is not None and result.usage.completion_tokens == 6
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 6
     sent = body(server.requests[-1])
     assert sent == {
         "messages": QUESTION,
-        "max_tokens": 32,
+        "max_tokens": 6,
         "temperature": 0.0,
         "seed": 7,
-        "model": "smollm2-135m-fam",
+        "model": server.model,
         "session_id": session.id,
     }
 
@@ -256,37 +279,42 @@ def test_model_is_looked_up_once_unless_given(client: Client, server) -> None:
     client.complete("Thrice", model="other-model")
     assert server.paths().count("GET /v1/models") == 1
     assert [body(r)["model"] for r in server.requests if r.method == "POST"] == [
-        "smollm2-135m-fam",
-        "smollm2-135m-fam",
-        "other-model",
+        server.model,
+        server.model,
+        "other-model",  # any name is accepted: the loaded model answers
     ]
 
 
 def test_complete_without_stream_reads_choice_text(client: Client, server) -> None:
-    result = client.complete("The capital of France is", stop=["\n"])
-    assert result.text == ANSWER and result.usage == Usage(7, 5, 12)
+    result = client.complete("The capital of France is", stop=["\n"], max_tokens=5)
+    assert isinstance(result.text, str) and result.usage is not None and result.usage.completion_tokens <= 5
+    assert result.id.startswith("cmpl-") and result.finish_reason in ("stop", "length")
     assert body(server.requests[-1])["stop"] == ["\n"]
     assert "session_id" not in body(server.requests[-1])
 
 
 def test_streaming_chat_yields_pieces_then_usage(client: Client, server) -> None:
-    session = client.create_session()
-    stream = client.chat(QUESTION, session_id=session.id, commit=True, stream=True)
+    session = client.ingest_text(client.create_session().id, TEXT)
+    expected = server.greedy_chat(QUESTION, session_id=session.id, **GREEDY)
+    stream = client.chat(QUESTION, session_id=session.id, commit=True, stream=True, **GREEDY)
     assert isinstance(stream, TextStream)
     assert stream.usage is None
-    assert list(stream) == ["Paris", " is", " the", " capital", "."]
-    assert stream.usage == Usage(7, 5, 12)
-    assert stream.finish_reason == "stop"
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == expected
+    assert stream.usage is not None and stream.usage.completion_tokens == 6
+    assert stream.usage.prompt_tokens > session.tokens
+    assert stream.finish_reason == "length"
     sent = body(server.requests[-1])
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert sent["commit"] is True
-    assert server.commits == ["What is the capital?"]
+    assert client.get_session(session.id).tokens > stream.usage.prompt_tokens  # the turn was committed
 
 
 def test_streaming_completion_reads_choice_text(client: Client) -> None:
-    with client.complete("The capital of France is", stream=True) as stream:
-        assert "".join(stream) == ANSWER
-    assert stream.usage == Usage(7, 5, 12)
+    plain = client.complete("The capital of France is", **GREEDY)
+    with client.complete("The capital of France is", stream=True, **GREEDY) as stream:
+        assert "".join(stream) == plain.text
+    assert isinstance(stream.usage, Usage) and stream.usage == plain.usage
 
 
 def test_streamed_text_with_unicode_line_separators_arrives_intact(client: Client, server) -> None:
@@ -331,7 +359,7 @@ def test_a_broken_stream_is_not_retried(client: Client, server) -> None:
 
 
 def test_429_is_retried_after_the_servers_retry_after(client: Client, server, sleeps) -> None:
-    server.script = [server.error(429, "rate_limited", "slow down", headers={"Retry-After": "0.25"})]
+    server.script = [server.error(429, "queue_full", "slow down", headers={"Retry-After": "0.25"})]
     assert client.list_sessions() == []
     assert sleeps == [0.25]
     assert server.paths() == ["GET /v1/sessions", "GET /v1/sessions"]
@@ -356,19 +384,19 @@ def test_committing_completion_is_never_retried(client: Client, server, sleeps) 
     with pytest.raises(errors.APIConnectionError):
         client.complete("x", session_id=session.id, commit=True, stream=True, model="m")
     assert server.paths()[-2:] == ["POST /v1/chat/completions", "POST /v1/completions"]
-    assert sleeps == [] and server.commits == []
+    assert sleeps == [] and client.get_session(session.id).tokens == 0
 
 
 def test_non_committing_completion_is_retried(client: Client, server, sleeps) -> None:
     server.script = [server.error(503, "model_loading", "loading", headers={"Retry-After": "0"})]
-    assert client.chat(QUESTION, model="m").text == ANSWER
+    assert client.chat(QUESTION, model="m", **GREEDY).text == server.greedy_chat(QUESTION, **GREEDY)
     assert server.paths() == ["POST /v1/chat/completions", "POST /v1/chat/completions"]
 
 
 def test_creating_retries_only_when_the_request_cannot_have_arrived(client: Client, server, sleeps) -> None:
     server.script = [httpx.ConnectError("refused")]
     client.create_session()
-    assert len(server.sessions) == 1 and len(server.requests) == 2
+    assert len(server.sessions()) == 1 and len(server.requests) == 2
 
     server.script = [httpx.ReadTimeout("no answer")]
     with pytest.raises(errors.APITimeoutError, match="timed out waiting for http://fam.test"):
@@ -404,13 +432,14 @@ def test_connection_failure_names_the_server(sleeps) -> None:
 # -- utilities
 
 
-def test_models_tokenize_detokenize_health_metrics(client: Client) -> None:
+def test_models_tokenize_detokenize_health_metrics(client: Client, server) -> None:
     (model,) = client.models()
-    assert (model.id, model.owned_by) == ("smollm2-135m-fam", "fam-server")
-    assert client.tokenize("hi") == [104, 105]
-    assert client.detokenize([104, 105]) == "hi"
-    assert client.health() == {"status": "ok"}
-    assert client.metrics() == "fam_sessions 1\n"
+    assert (model.id, model.owned_by) == (server.model, "fam-server") and isinstance(model.created, int)
+    ids = client.tokenize("Hello there")
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert client.detokenize(ids) == "Hello there"
+    assert client.health() == {"status": "ok", "model": server.model}
+    assert "fam_sessions 0.0" in client.metrics()
 
 
 def test_health_reports_loading_at_once_without_retrying(client: Client, server, sleeps) -> None:

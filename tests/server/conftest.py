@@ -1,29 +1,20 @@
-"""Server test fixtures: the tiny chat model loaded once with a small block size (so block logic runs on short
-texts), apps built over it in-process, and helpers to read SSE bodies."""
+"""Server test fixtures: apps built in-process over the tiny chat model (`tiny_runtime`, in tests/conftest.py),
+and helpers to read SSE bodies."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
+from clients.sse import iter_sse
 from model import FamConfig, FamRuntime
 from server.app import create_app
 from server.settings import Settings
-
-TINY_FAM = FamConfig(block_size=16, memory_blocks=1, fam_len=4)
-
-
-@pytest.fixture(scope="session")
-def tiny_runtime(tiny_chat_dir: Path) -> FamRuntime:
-    return FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="float32", device="cpu")
 
 
 @pytest.fixture
@@ -56,40 +47,10 @@ def wide_block_runtime(tiny_chat_dir: Path) -> FamRuntime:
                            dtype="float32", device="cpu")
 
 
-@pytest.fixture
-def live_server(tmp_path: Path, tiny_runtime: FamRuntime) -> Iterator[Callable[..., str]]:
-    """live_server(**settings) -> base URL of a real uvicorn on a free loopback port, in a thread (for tests
-    that need a socket: client disconnects, true streaming, the stock openai client)."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(runtime: FamRuntime | None = None, **overrides: Any) -> str:
-        settings = Settings(**{"data_dir": tmp_path / "data", "secret": "test-secret", **overrides})
-        app = create_app(settings, runtime or tiny_runtime)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        servers.append((server, thread))
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def sse_events(text: str) -> list[Any]:
-    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" stays a string)."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" stays a string), through the client's parser
+    (the one SSE parser in Python here: it splits lines only where SSE does, never on U+2028)."""
+    return [e.data if e.data == "[DONE]" else json.loads(e.data) for e in iter_sse([text])]
 
 
 @pytest.fixture

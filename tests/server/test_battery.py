@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -12,11 +13,30 @@ import pytest
 BLOCK = 16
 ASK = [{"role": "user", "content": "Hi"}]
 SESSION_ID = "{sid}"  # replaced by a real session id
+DEEP: list = [1]
+for _ in range(31):
+    DEEP = [DEEP]  # with the metadata object around it: 33 levels
 
 
 @pytest.fixture
 def sid(client) -> str:
     return client.post("/v1/sessions").json()["id"]
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_500(client):
+    """logits / 1e-300 overflow to inf (found by schemathesis): such temperatures sample greedily."""
+    greedy = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    for t in (1e-300, 5e-324, 1e-7):
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": t, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_metadata_nested_to_the_limit_round_trips(client):
+    metadata = {"a": DEEP[0]}  # 32 levels: the most a session's metadata may nest
+    r = client.post("/v1/sessions", json={"metadata": metadata})
+    assert r.status_code == 201, r.text
+    assert client.get(f"/v1/sessions/{r.json()['id']}").json()["metadata"] == metadata
 
 
 def still_serving(client) -> None:
@@ -37,12 +57,33 @@ def test_malformed_json(client, sid, error, path, body):
 
 
 @pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\udfff"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     None),
+    ("/v1/sessions", {"metadata": {"title": "\ud800"}}, "metadata"),
+    ("/v1/sessions/{sid}/ingest", {"text": "\ud800"}, None),
+    ("/tokenize", {"text": "\ud800"}, "text"),
+])
+def test_lone_surrogates_are_refused_not_a_500(client, sid, error, path, body, param):
+    """JSON can escape a lone UTF-16 surrogate, which no tokenizer takes (a 500 before)."""
+    r = client.post(path.format(sid=sid), content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = error(r, 400, r.json()["error"]["code"])
+    assert err["code"] in ("invalid_value", "invalid_body")
+    if param is not None:
+        assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("path,body,param", [
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": 3}, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": -1}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "seed": 10**30}, "seed"),  # a 500 from torch's manual_seed before
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
@@ -64,6 +105,8 @@ def test_malformed_json(client, sid, error, path, body):
     ("/v1/chat/completions", {"messages": ASK, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("/v1/sessions", {"mode": "bogus"}, "mode"),
     ("/v1/sessions", {"metadata": "x"}, "metadata"),
+    # 33 levels are refused; 900 made the answer fail to serialize (a 500, after creating the session)
+    ("/v1/sessions", {"metadata": {"a": DEEP}}, "metadata"),
     ("/v1/sessions/{sid}/ingest", {"text": 5}, "text"),
     ("/v1/sessions/{sid}/ingest", {"text": ""}, "text"),
     ("/v1/sessions/{sid}/ingest", {"text": " \n "}, "text"),

@@ -37,6 +37,7 @@ def test_second_app_over_the_same_data_dir(make_client):
     before = {s["id"]: s for s in first.get("/v1/sessions").json()["data"]}
     answers = {sid: answer(first, sid) for sid in (a, b)}
 
+    first.app.state.data_dir_lock.release()  # what the kernel does for a process that died
     second = make_client()
     after = {s["id"]: s for s in second.get("/v1/sessions").json()["data"]}
     assert after == before  # tokens, state bytes, mode, metadata, created

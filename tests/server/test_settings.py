@@ -1,11 +1,11 @@
-"""Settings: FAM_* environment variables, command line flags over them, the persisted snapshot secret."""
+"""Settings: FAM_* environment variables, command line flags over them (their help generated from the settings)."""
 
 from __future__ import annotations
 
 import pytest
 
 from server.__main__ import parse_settings
-from server.settings import Settings
+from server.settings import FLAGS, Settings
 
 
 def test_environment_and_flags(monkeypatch, tmp_path):
@@ -36,9 +36,21 @@ def test_bad_values_are_refused(capsys):
         parse_settings(["--block-size", "0"])
 
 
-def test_generated_secret_is_kept(tmp_path, monkeypatch):
-    monkeypatch.delenv("FAM_SECRET", raising=False)
-    first = Settings(data_dir=tmp_path).snapshot_secret()
-    assert len(first) == 64 and (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
-    assert Settings(data_dir=tmp_path).snapshot_secret() == first  # the same after a restart
-    assert Settings(data_dir=tmp_path, secret="given").snapshot_secret() == b"given"
+def test_help_is_generated_from_the_settings(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in FLAGS:
+        field = Settings.model_fields[name]
+        assert f"--{name.replace('_', '-')}" in help_text and f"FAM_{name.upper()}" in help_text
+        assert " ".join(field.description.split()) in help_text, name
+    assert "FAM_PORT, default 8000" in help_text and "FAM_DTYPE, default bfloat16" in help_text
+
+
+def test_every_setting_is_described():
+    assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_reading_settings_touches_no_file(tmp_path):
+    Settings(data_dir=tmp_path / "data").engine_config(b"k")
+    assert not (tmp_path / "data").exists()
