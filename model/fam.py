@@ -277,12 +277,9 @@ class FamLM(nn.Module):
         """Any number of tokens [b, N], cut at block boundaries. Returns the new state and the final-normed
         hidden state of the last token [b, d] (the input of the next-token logits)."""
         assert tokens.shape[1] > 0, "ingest needs at least one token"
-        pos, last = 0, None
-        while pos < tokens.shape[1]:
-            n = min(state.cfg.block_size - state.n_block, tokens.shape[1] - pos)
-            state, h = self.forward_chunk(state, tokens[:, pos:pos + n])
-            last, pos = h[:, -1], pos + n
-        return state, last
+        for a, b in state.cuts(tokens.shape[1]):
+            state, h = self.forward_chunk(state, tokens[:, a:b])
+        return state, h[:, -1]
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()

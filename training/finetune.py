@@ -116,9 +116,8 @@ def teacher_logprobs(module: torch.nn.Module, tokens: torch.Tensor) -> torch.Ten
         layer.enable_adapters(False)
     try:
         state, out = module.new_state(batch=tokens.shape[0], mode="full"), []
-        block = state.cfg.block_size
-        for pos in range(0, tokens.shape[1], block):
-            state, h = module.forward_chunk(state, tokens[:, pos:pos + block])
+        for a, b in state.cuts(tokens.shape[1]):
+            state, h = module.forward_chunk(state, tokens[:, a:b])
             out.append(torch.log_softmax(module.lm_head(h).float(), -1).to(torch.bfloat16))
     finally:
         for layer in layers:

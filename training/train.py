@@ -97,14 +97,11 @@ def distill_sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weight
     loss = tokens.new_zeros((), dtype=torch.float32)
     correct = tokens.new_zeros((), dtype=torch.float32)
     kl = tokens.new_zeros((), dtype=torch.float32)
-    pos, n = 0, tokens.shape[1]
-    while pos < n:
-        t = min(state.cfg.block_size - state.n_block, n - pos)
-        args = (module, state, tokens[:, pos:pos + t], targets[:, pos:pos + t], w[:, pos:pos + t],
-                None if teacher is None else teacher[:, pos:pos + t])
+    for a, b in state.cuts(tokens.shape[1]):
+        args = (module, state, tokens[:, a:b], targets[:, a:b], w[:, a:b], None if teacher is None else teacher[:, a:b])
         if use_checkpoint and torch.is_grad_enabled():
             state, block_loss, block_kl, block_correct = checkpoint(_block, *args, use_reentrant=False)
         else:
             state, block_loss, block_kl, block_correct = _block(*args)
-        loss, kl, correct, pos = loss + block_loss, kl + block_kl, correct + block_correct, pos + t
+        loss, kl, correct = loss + block_loss, kl + block_kl, correct + block_correct
     return state, loss, kl, correct

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def per_block_loss(cfg: FamConfig, tokens: torch.Tensor) -> list[float]:
     module = FamRuntime.load(None, fam=cfg, dtype="bfloat16").module
     state, out, b = module.new_state(), [], cfg.block_size
-    for i in range(tokens.shape[1] // b):
-        x = tokens[:, i * b:(i + 1) * b]
+    for i, j in state.cuts(tokens.shape[1] // b * b):
+        x = tokens[:, i:j]
         state, h = module.forward_chunk(state, x)
         out.append(F_.cross_entropy(module.logits(h)[0, :-1], x[0, 1:]).item())
     return out

@@ -53,13 +53,11 @@ def test_save_load_continue(tmp_path):
 def _late_loss(rt: FamRuntime, mode: str, ids: list[int], skip: int) -> float:
     """Mean next-token loss on ids[skip:] after ingesting from the start in `mode`."""
     state, losses = rt.new_state(mode=mode), []
-    block = rt.fam_config.block_size
-    for i in range(0, len(ids) - 1, block):
-        x = ids[i:i + block + 1]
-        state, h = rt.module.forward_chunk(state, torch.tensor([x[:block]]))
-        if i >= skip:
-            losses.append(torch.nn.functional.cross_entropy(rt.module.logits(h)[0, :len(x) - 1],
-                                                            torch.tensor(x[1:])).item())
+    for a, b in state.cuts(len(ids) - 1):
+        state, h = rt.module.forward_chunk(state, torch.tensor([ids[a:b]]))
+        if a >= skip:
+            target = torch.tensor(ids[a + 1:b + 1])
+            losses.append(torch.nn.functional.cross_entropy(rt.module.logits(h)[0], target).item())
     return sum(losses) / len(losses)
 
 

@@ -196,8 +196,8 @@ def test_distillation_loss():
     def logprobs(m):
         with torch.no_grad():
             state, out = m.new_state(batch=2), []
-            for pos in range(0, tokens.shape[1], SETUP.block_size):
-                state, h = m.forward_chunk(state, tokens[:, pos:pos + SETUP.block_size])
+            for a, b in state.cuts(tokens.shape[1]):
+                state, h = m.forward_chunk(state, tokens[:, a:b])
                 out.append(torch.log_softmax(m.lm_head(h).float(), -1))
             return torch.cat(out, 1)
 
