@@ -201,9 +201,13 @@ class FamLM(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # the forward
 
-    def forward_chunk(self, state: FamState, tokens: Tensor) -> tuple[FamState, Tensor]:
+    def forward_chunk(self, state: FamState, tokens: Tensor, grad_from: int = 0) -> tuple[FamState, Tensor]:
         """Process tokens [b, T] that lie inside the current block. Returns the new state and the final-normed
-        hidden states of the chunk [b, T, d] (apply `lm_head` to those whose logits are needed)."""
+        hidden states of the chunk [b, T, d] (apply `lm_head` to those whose logits are needed).
+
+        `grad_from` (training): layers below it run without autograd, for when nothing below is trained. The
+        feedback rows' keys/values that those layers read stay as given (they are made in `with_fam`), but no
+        gradient flows back through those layers' token rows."""
         cfg = state.cfg
         b, T = tokens.shape
         S, B = state.n_cached, cfg.block_size
@@ -231,22 +235,24 @@ class FamLM(nn.Module):
         new_k, new_v, new_fam = [], [], []
         tok_cos, tok_sin = cos[:, :, fam_rows:], sin[:, :, fam_rows:]
         tok_mask = None if mask is None else mask[fam_rows:]
+        grad = torch.is_grad_enabled()
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            fam_in = state.fam[:, li]
-            r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
-            x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
-            xn = layer.input_layernorm(x)
-            q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
-            k, v = attn.kv(xn[:, r:])  # the feedback rows' own keys are already in the state
-            keys = torch.cat((state.k[li], Rope.apply(k, tok_cos, tok_sin)), 2)
-            vals = torch.cat((state.v[li], v), 2)
-            resid = torch.cat((fam_in * keep, h), 1) if r else h
-            y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
-            new_fam.append(y[:, :r] if r else fam_in)
-            h = y[:, r:]
-            new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
-            new_v.append(vals)
+            fam_in = state.fam[:, li]  # outside the no-grad layers: their state passes on with its graph
+            with torch.set_grad_enabled(grad and li >= grad_from):
+                attn = layer.self_attn
+                r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
+                x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
+                xn = layer.input_layernorm(x)
+                q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
+                k, v = attn.kv(xn[:, r:])  # the feedback rows' own keys are already in the state
+                keys = torch.cat((state.k[li], Rope.apply(k, tok_cos, tok_sin)), 2)
+                vals = torch.cat((state.v[li], v), 2)
+                resid = torch.cat((fam_in * keep, h), 1) if r else h
+                y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
+                new_fam.append(y[:, :r] if r else fam_in)
+                h = y[:, r:]
+                new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
+                new_v.append(vals)
         h = self.norm(h)
 
         new = replace(state, k=tuple(new_k), v=tuple(new_v), n_tokens=state.n_tokens + T, n_block=state.n_block + T)

@@ -1,9 +1,10 @@
 """Training pieces shared by the tiny PassKey experiment and the adapter training (FAM_SPEC "Fine-tuning").
 
 - `sequence_loss`: back-propagation through all blocks of a sequence, no detach inside it; each block runs under
-  `torch.utils.checkpoint`, so only the state between blocks is kept for the backward pass.
-  `distill_sequence_loss` adds KL(teacher || model) at every position, for distillation from a teacher's
-  log-probabilities.
+  `torch.utils.checkpoint` (unless switched off), so only the state between blocks is kept for the backward pass.
+  `distill_sequence_loss` adds KL(teacher || model) where a KD mask says so, for distillation from a teacher's
+  log-probabilities (all of them, or its top k: `TopK`). Logits are computed only at positions that carry a loss
+  (weight > 0 or KD): the 49k-word lm_head at every position costs about as much as the decoder.
 - `start_state`: Random State Passing (RSP: each row starts from the carried FAM state with probability p, else
   from the learned initial state, which stays under autograd so the prompt learns) and Random Position Offset
   (RPO: with probability 1/2 a row's positions are shifted by a draw from [0, 2*pi*rope_theta)).
@@ -13,7 +14,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F_
@@ -58,47 +62,107 @@ def start_state(module: FamLM, batch: int, carried: Carried | None, p_carry: flo
     return state
 
 
-def _block(module: FamLM, state: FamState, x: Tensor, y: Tensor, w: Tensor,
-           teacher: Tensor | None) -> tuple[FamState, Tensor, Tensor, Tensor]:
-    """One block: the new state, the weighted loss sum, the KL(teacher || model) sum over all positions (0 without
-    a teacher) and the count of correct argmax predictions (weight > 0)."""
-    state, h = module.forward_chunk(state, x)
+class TopK(NamedTuple):
+    """A teacher's k most likely next tokens per position: log-probabilities [b, N, k] and token ids [b, N, k]."""
+
+    logp: Tensor
+    ids: Tensor
+
+
+Teacher = Tensor | TopK  # [b, N, V] log-probabilities, or their top k
+
+
+def kl_to_teacher(logits: Tensor, teacher: Teacher) -> Tensor:
+    """Sum over rows of KL(teacher || softmax(logits)) for logits [M, V] and the teacher's rows ([M, V] or TopK of
+    [M, k]). With TopK the sum runs over the teacher's k tokens only (their probabilities as the teacher gave them,
+    not renormalised): with k = V it is the full KL."""
+    logq = F_.log_softmax(logits.float(), -1)
+    if isinstance(teacher, TopK):
+        t = teacher.logp.float()
+        return (t.exp() * (t - logq.gather(-1, teacher.ids))).sum()
+    t = teacher.float()
+    return (t.exp() * (t - logq)).sum()
+
+
+_timer: Callable[[str], AbstractContextManager[Any]] = lambda name: nullcontext()  # noqa: E731
+
+
+@contextmanager
+def timed(timer: Callable[[str], AbstractContextManager[Any]]) -> Iterator[None]:
+    """Time the forward's parts (student decoder, lm_head + loss) with `timer(name)` (training/bench_step.py)."""
+    global _timer
+    old, _timer = _timer, timer
+    try:
+        yield
+    finally:
+        _timer = old
+
+
+def _block(module: FamLM, state: FamState, x: Tensor, y: Tensor, w: Tensor, kd: Tensor | None,
+           teacher: Teacher | None, grad_from: int) -> tuple[FamState, Tensor, Tensor, Tensor]:
+    """One block: the new state, the weighted loss sum, the KL(teacher || model) sum over the positions where `kd`
+    is set (0 without a teacher) and the count of correct argmax predictions (weight > 0). Logits only where a loss
+    needs them."""
+    with _timer("student decoder forward"):
+        state, h = module.forward_chunk(state, x, grad_from=grad_from)
+    with _timer("lm_head + loss/KL forward"):
+        return _head(module, state, h, y, w, kd, teacher)
+
+
+def _head(module: FamLM, state: FamState, h: Tensor, y: Tensor, w: Tensor, kd: Tensor | None,
+          teacher: Teacher | None) -> tuple[FamState, Tensor, Tensor, Tensor]:
     zero = h.sum() * 0.0
-    sel = w > 0
-    every, kl = None, zero
-    if teacher is not None:  # the KL needs every position's logits
-        every, t = module.lm_head(h).float(), teacher.float()
-        kl = (t.exp() * (t - F_.log_softmax(every, -1))).sum()
-    if not bool(sel.any()):
+    lm = w > 0
+    need = lm if teacher is None else lm | kd
+    if not bool(need.any()):
+        return state, zero, zero, zero.detach()
+    logits = module.lm_head(h[need]).float()  # [M, V]
+    kl = zero
+    if teacher is not None:
+        kd_in = kd[need]
+        t = TopK(teacher.logp[kd], teacher.ids[kd]) if isinstance(teacher, TopK) else teacher[kd]
+        kl = kl_to_teacher(logits[kd_in], t)
+    lm_in = lm[need]
+    if not bool(lm_in.any()):
         return state, zero, kl, zero.detach()
-    logits = module.lm_head(h[sel]).float() if every is None else every[sel]
-    loss = (F_.cross_entropy(logits, y[sel], reduction="none") * w[sel]).sum()
-    correct = (logits.argmax(-1) == y[sel]).sum().float()
+    lg = logits[lm_in]
+    loss = (F_.cross_entropy(lg, y[lm], reduction="none") * w[lm]).sum()
+    correct = (lg.argmax(-1) == y[lm]).sum().float()
     return state, loss, kl, correct
 
 
 def sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor,
-                  use_checkpoint: bool = True) -> tuple[FamState, Tensor, Tensor]:
+                  use_checkpoint: bool = True, grad_from: int = 0) -> tuple[FamState, Tensor, Tensor]:
     """Teacher-forced loss over tokens [b, N] (N a multiple of the block size is not required).
 
     weights[b, N] weighs the prediction of token i+1 from position i (the last column is ignored). Returns the
     final state (still attached to the graph), the weighted loss sum and the number of correct weighted tokens.
+    `grad_from`: layers below it run without autograd (nothing trainable there; see FamLM.forward_chunk).
     """
-    state, loss, _, correct = distill_sequence_loss(module, state, tokens, weights, None, use_checkpoint)
+    state, loss, _, correct = distill_sequence_loss(module, state, tokens, weights, None, use_checkpoint,
+                                                    grad_from=grad_from)
     return state, loss, correct
 
 
-def distill_sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor, teacher: Tensor | None,
-                          use_checkpoint: bool = True) -> tuple[FamState, Tensor, Tensor, Tensor]:
-    """`sequence_loss` plus, when `teacher` [b, N, V] (log-probabilities of the next token at every position) is
-    given, the sum over all positions of KL(teacher || model). Returns (state, loss sum, KL sum, correct)."""
+def distill_sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor, teacher: Teacher | None,
+                          use_checkpoint: bool = True, kd_mask: Tensor | None = None, grad_from: int = 0
+                          ) -> tuple[FamState, Tensor, Tensor, Tensor]:
+    """`sequence_loss` plus, when `teacher` ([b, N, V] log-probabilities of the next token at every position, or
+    their `TopK`) is given, the sum of KL(teacher || model) over the positions where kd_mask [b, N] is set (default:
+    every position). Returns (state, loss sum, KL sum, correct)."""
     targets = torch.cat((tokens[:, 1:], tokens[:, :1]), 1)
     w = torch.cat((weights[:, :-1], torch.zeros_like(weights[:, :1])), 1)
+    kd = None
+    if teacher is not None:
+        kd = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if kd_mask is None else kd_mask.bool()
     loss = tokens.new_zeros((), dtype=torch.float32)
     correct = tokens.new_zeros((), dtype=torch.float32)
     kl = tokens.new_zeros((), dtype=torch.float32)
     for a, b in state.cuts(tokens.shape[1]):
-        args = (module, state, tokens[:, a:b], targets[:, a:b], w[:, a:b], None if teacher is None else teacher[:, a:b])
+        t = None if teacher is None else (TopK(teacher.logp[:, a:b], teacher.ids[:, a:b])
+                                          if isinstance(teacher, TopK) else teacher[:, a:b])
+        args = (module, state, tokens[:, a:b], targets[:, a:b], w[:, a:b], None if kd is None else kd[:, a:b], t,
+                grad_from)
         if use_checkpoint and torch.is_grad_enabled():
             state, block_loss, block_kl, block_correct = checkpoint(_block, *args, use_reentrant=False)
         else:
