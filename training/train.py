@@ -72,16 +72,52 @@ class TopK(NamedTuple):
 Teacher = Tensor | TopK  # [b, N, V] log-probabilities, or their top k
 
 
-def kl_to_teacher(logits: Tensor, teacher: Teacher) -> Tensor:
-    """Sum over rows of KL(teacher || softmax(logits)) for logits [M, V] and the teacher's rows ([M, V] or TopK of
-    [M, k]). With TopK the sum runs over the teacher's k tokens only (their probabilities as the teacher gave them,
-    not renormalised): with k = V it is the full KL."""
-    logq = F_.log_softmax(logits.float(), -1)
-    if isinstance(teacher, TopK):
-        t = teacher.logp.float()
-        return (t.exp() * (t - logq.gather(-1, teacher.ids))).sum()
-    t = teacher.float()
-    return (t.exp() * (t - logq)).sum()
+FUSED_HEAD = True  # HeadLoss; False: autograd over float32 logits (same values; training/bench_step.py compares)
+
+
+class HeadLoss(torch.autograd.Function):
+    """lm_head, weighted cross-entropy and KL(teacher || model) over rows h [M, d] in one pass over the logits.
+
+    Returns (CE sum, KL sum, correct count): sum_i w_i CE_i, sum_i k_i KL_i (teacher [M, V] log-probabilities, or
+    their top k: then the KL's sum runs over those k tokens only, their probabilities as given, not renormalised),
+    and the argmax hits where w_i > 0. The gradients with respect to the logits are formed in the forward
+    (w (p - onehot) and k ((sum t) p - t)) and kept in the weights' dtype, so no [M, V] float32 tensor outlives
+    the call; that is what autograd would keep several of."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, y: Tensor, w: Tensor, k: Tensor | None, t_logp: Tensor | None,
+                t_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        keep = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
+        logq = F_.linear(h.to(weight.dtype), weight).float()  # [M, V]
+        logq -= torch.logsumexp(logq, -1, keepdim=True)
+        p = logq.exp()
+        correct = ((logq.argmax(-1) == y) & (w > 0)).sum().float()
+        ce = -(logq.gather(-1, y[:, None])[:, 0] * w).sum()
+        dz_ce = (p * w[:, None]).scatter_add_(-1, y[:, None], -w[:, None]).to(keep)
+        kl, dz_kl = ce.new_zeros(()), None
+        if t_logp is not None:
+            t = t_logp.float()
+            tp = t.exp()
+            if t_ids is None:
+                kl = ((tp * (t - logq)).sum(-1) * k).sum()
+                dz_kl = (p * (tp.sum(-1) * k)[:, None] - tp * k[:, None]).to(keep)
+            else:
+                kl = ((tp * (t - logq.gather(-1, t_ids))).sum(-1) * k).sum()
+                dz_kl = (p * (tp.sum(-1) * k)[:, None]).scatter_add_(-1, t_ids, -tp * k[:, None]).to(keep)
+        ctx.save_for_backward(h, weight, dz_ce, dz_kl)
+        ctx.mark_non_differentiable(correct)
+        return ce, kl, correct
+
+    @staticmethod
+    def backward(ctx: Any, g_ce: Tensor, g_kl: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        h, weight, dz_ce, dz_kl = ctx.saved_tensors
+        dz = g_ce * dz_ce.float()
+        if dz_kl is not None:
+            dz += g_kl * dz_kl.float()
+        dz = dz.to(weight.dtype)
+        grad_h = (dz @ weight).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (dz.t() @ h.to(weight.dtype)) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 _timer: Callable[[str], AbstractContextManager[Any]] = lambda name: nullcontext()  # noqa: E731
@@ -111,24 +147,32 @@ def _block(module: FamLM, state: FamState, x: Tensor, y: Tensor, w: Tensor, kd: 
 
 def _head(module: FamLM, state: FamState, h: Tensor, y: Tensor, w: Tensor, kd: Tensor | None,
           teacher: Teacher | None) -> tuple[FamState, Tensor, Tensor, Tensor]:
-    zero = h.sum() * 0.0
-    lm = w > 0
-    need = lm if teacher is None else lm | kd
+    need = w > 0 if teacher is None else (w > 0) | kd
     if not bool(need.any()):
+        zero = h.sum() * 0.0
         return state, zero, zero, zero.detach()
-    logits = module.lm_head(h[need]).float()  # [M, V]
-    kl = zero
+    t_logp = t_ids = k = None
     if teacher is not None:
-        kd_in = kd[need]
-        t = TopK(teacher.logp[kd], teacher.ids[kd]) if isinstance(teacher, TopK) else teacher[kd]
-        kl = kl_to_teacher(logits[kd_in], t)
-    lm_in = lm[need]
-    if not bool(lm_in.any()):
-        return state, zero, kl, zero.detach()
-    lg = logits[lm_in]
-    loss = (F_.cross_entropy(lg, y[lm], reduction="none") * w[lm]).sum()
-    correct = (lg.argmax(-1) == y[lm]).sum().float()
+        k = kd[need].float()
+        t_logp, t_ids = (teacher.logp[need], teacher.ids[need]) if isinstance(teacher, TopK) else (teacher[need], None)
+    if not FUSED_HEAD:
+        return (state, *_head_loss_autograd(module.lm_head(h[need]).float(), y[need], w[need].float(), k, t_logp,
+                                            t_ids))
+    loss, kl, correct = HeadLoss.apply(h[need], module.lm_head.weight, y[need], w[need].float(), k, t_logp, t_ids)
     return state, loss, kl, correct
+
+
+def _head_loss_autograd(logits: Tensor, y: Tensor, w: Tensor, k: Tensor | None, t_logp: Tensor | None,
+                        t_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """What HeadLoss computes, by autograd over float32 logits (the step before HeadLoss; kept for comparison)."""
+    logq = F_.log_softmax(logits, -1)
+    ce = -(logq.gather(-1, y[:, None])[:, 0] * w).sum()
+    correct = ((logq.argmax(-1) == y) & (w > 0)).sum().float()
+    kl = ce.new_zeros(())
+    if t_logp is not None:
+        t = t_logp.float()
+        kl = ((t.exp() * (t - (logq if t_ids is None else logq.gather(-1, t_ids)))).sum(-1) * k).sum()
+    return ce, kl, correct
 
 
 def sequence_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor,

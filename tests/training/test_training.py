@@ -411,3 +411,44 @@ def test_finetune_runs_and_resumes_on_the_cpu(tmp_path):
     assert all(r["kl"] == 0 for r in log if r["kinds"][0].startswith("passkey"))
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["lora"]["layers_from"] == 12 and "resumed_with" in meta
+
+
+def test_lora_layout_follows_what_the_run_continues(tmp_path):
+    """A fresh run puts LoRA on the layers >= 12; --init-adapter from the shipped adapter (LoRA on every layer, written
+    before the layout was recorded) and --resume keep the layout they continue."""
+    from model.adapter import BUNDLED
+    from training.finetune import parse_args, save_checkpoint
+
+    assert parse_args(["--run", str(tmp_path)]).lora_from == 12
+    shipped = BUNDLED["SmolLM2-135M-Instruct"]
+    assert parse_args(["--run", str(tmp_path), "--init-adapter", str(shipped)]).lora_from == 0
+    assert parse_args(["--run", str(tmp_path), "--init-adapter", str(shipped), "--lora-from", "6"]).lora_from == 6
+    save_checkpoint(tmp_path / "ckpt.pt", meta={"lora": {"r": 8, "alpha": 16, "layers_from": 3}})
+    assert parse_args(["--run", str(tmp_path), "--resume"]).lora_from == 3
+
+
+@pytest.mark.parametrize("topk", [0, 5])
+def test_fused_head_equals_autograd(topk):
+    """HeadLoss (gradients formed in the forward) against autograd over float32 logits: values and gradients, with
+    the lm_head's weight trained (the tiny model) and CE and KL weighted per row."""
+    from training import train as T
+
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(7, 16, generator=gen)
+    weight = torch.randn(40, 16, generator=gen) * 0.5
+    y = torch.randint(0, 40, (7,), generator=gen)
+    w = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 1.0, 0.1])
+    k = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    t = torch.log_softmax(torch.randn(7, 40, generator=gen), -1)
+    t_logp, t_ids = (t, None) if not topk else t.topk(topk, -1)
+    out = []
+    for fused in (True, False):
+        hh, ww = h.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fused:
+            ce, kl, correct = T.HeadLoss.apply(hh, ww, y, w, k, t_logp, t_ids)
+        else:
+            ce, kl, correct = T._head_loss_autograd(hh @ ww.t(), y, w, k, t_logp, t_ids)
+        (0.3 * ce + 1.7 * kl).backward()
+        out.append((ce, kl, correct, hh.grad, ww.grad))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
