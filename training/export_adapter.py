@@ -23,7 +23,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    meta = torch.load(args.checkpoint, weights_only=False)["meta"]
+    meta = torch.load(args.checkpoint, weights_only=False, map_location="cpu")["meta"]
     init_prompt = None
     if meta["fam_config"]["mode"] != "fam":  # no trained prompt: store the model's initial one
         cfg = FamConfig(**{k: v for k, v in meta["fam_config"].items() if k != "sink_tokens"})

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def checkpoint_now() -> None:
         save_checkpoint(ckpt, trainable={n: p.detach().cpu() for n, p in trainable.items()},
-                        optimizer=opt.state_dict(), carried=None if carried is None else carried.fam,
+                        optimizer=opt.state_dict(), carried=None if carried is None else carried.fam.cpu(),
                         step=step, data_rng=data.rng.getstate(), gen=gen.get_state(), meta=meta,
                         lora={n: (a.cpu(), b.cpu()) for n, (a, b) in lora_weights(module).items()})
 
@@ -388,7 +388,7 @@ def export_adapter(ckpt_path: Path, out: Path, init_prompt: torch.Tensor | None 
     A BSWA run has no trained prompt: pass the model's initial prompt (`init_prompt`) to store it instead."""
     from model.adapter import save_adapter
 
-    c = torch.load(ckpt_path, weights_only=False)
+    c = torch.load(ckpt_path, weights_only=False, map_location="cpu")
     # runs started before the meta stored every FamConfig field kept describe(), where sink_tokens is 0 outside sink
     # mode: restore the default so that the adapter's layout can be switched to sink mode
     fam = {k: v for k, v in c["meta"]["fam_config"].items() if not (k == "sink_tokens" and v == 0)}

@@ -155,7 +155,7 @@ def _head(module: FamLM, state: FamState, h: Tensor, y: Tensor, w: Tensor, kd: T
     if teacher is not None:
         k = kd[need].float()
         t_logp, t_ids = (teacher.logp[need], teacher.ids[need]) if isinstance(teacher, TopK) else (teacher[need], None)
-    if not FUSED_HEAD:
+    if not FUSED_HEAD or not torch.is_grad_enabled():  # without a graph the logit gradients are not needed
         return (state, *_head_loss_autograd(module.lm_head(h[need]).float(), y[need], w[need].float(), k, t_logp,
                                             t_ids))
     loss, kl, correct = HeadLoss.apply(h[need], module.lm_head.weight, y[need], w[need].float(), k, t_logp, t_ids)
