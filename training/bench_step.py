@@ -134,22 +134,36 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--configs", nargs="+", default=None, help="a subset of the configurations, by index")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "training_step.md")
+    ap.add_argument("--from-log", type=Path, default=None,
+                    help="take the steps from the JSON lines a run printed (one cut short before its table); the plain "
+                         "forward is then measured now, 3 times")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     assert set(KINDS) == {k.split("_")[0] for k in DEFAULT_MIX}, "the mixture changed: update KINDS"
     names = list(CONFIGS) if args.configs is None else [list(CONFIGS)[int(i)] for i in args.configs]
-    trainers = {n: Trainer(*CONFIGS[n], args.device) for n in names}
+    logged = [json.loads(line) for line in args.from_log.open() if line.startswith("{")] if args.from_log else []
+    if logged:
+        names = [n for n in CONFIGS if any(r.get("config") == n for r in logged)]
+    trainers = {n: Trainer(*CONFIGS[n], args.device) for n in (names[:1] if logged else names)}
     first = next(iter(trainers.values()))
     block = first.args.block_size
     n_tokens = args.blocks * block
     rows = examples(first.rt.tokenizer, n_tokens, block)
     best: dict[tuple[str, str], dict[str, float]] = {}
     fwd: list[float] = []
-    for tr in trainers.values():  # warm-up: one block of each kind
+    for rec in (r for r in logged if "config" in r):
+        key = (rec["config"], rec["kind"])
+        if key not in best or rec["total"] < best[key]["total"]:
+            best[key] = rec
+    if logged:
+        fwd = [first.forward(rows["prose"][0]) for _ in range(3)]
+        args.rounds = max(r["round"] for r in logged if "config" in r)
+    for tr in trainers.values() if not logged else ():  # warm-up: one block of each kind
         for tokens, weights, kind_name in rows.values():
             tr.step(tokens[:, :block], weights[:, :block], kind_name)
-    for r in range(1, args.rounds + 1):
+    for r in range(1, args.rounds + 1 if not logged else 1):
         fwd.append(first.forward(rows["prose"][0]))
+        print(json.dumps({"round": r, "forward_s": round(fwd[-1], 2)}), flush=True)
         for name, tr in trainers.items():
             for kind, (tokens, weights, kind_name) in rows.items():
                 rec = tr.step(tokens, weights, kind_name)
@@ -165,7 +179,10 @@ def main() -> None:
              f"autocast, B={block}, m={first.args.memory_blocks}, F={first.args.fam_len}, fam_update_from="
              f"{first.args.fam_update_from}, LoRA r={first.args.lora_r}; one sequence of {args.blocks} blocks "
              f"({n_tokens} tokens) per kind, best of {args.rounds} rounds after a one-block warm-up, configurations "
-             "alternated.", "",
+             "alternated." + (f" The steps are those logged by such a run ({args.from_log.name}, cut short by its "
+                              "timeout before it wrote this table: rows whose rounds are missing are best of fewer) "
+                              "and the plain forward was measured when rendering it, so it is not side by side."
+                              if logged else ""), "",
              f"**Plain forward** (the student, LoRA attached, no autograd, hidden states only): "
              f"**{fwd_rate:.0f} tok/s**.", "",
              "Step rate of the default mixture (40% prose, 50% PassKey, 10% repeat) = tokens / expected step time; "
@@ -185,8 +202,8 @@ def main() -> None:
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    lines += ["", f"Per-kind columns: tok/s of a step on that kind alone. Peak RSS of the whole run (all "
-              f"{len(trainers)} models loaded): {rss:.1f} GiB.", ""]
+    lines += ["", "Per-kind columns: tok/s of a step on that kind alone." + ("" if logged else
+              f" Peak RSS of the whole run (all {len(trainers)} models loaded): {rss:.1f} GiB."), ""]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
