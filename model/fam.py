@@ -221,9 +221,13 @@ class FamLM(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # the forward
 
-    def forward_chunk(self, state: FamState, tokens: Tensor) -> tuple[FamState, Tensor]:
+    def forward_chunk(self, state: FamState, tokens: Tensor, grad_from: int = 0) -> tuple[FamState, Tensor]:
         """Process tokens [b, T] that lie inside the current block. Returns the new state and the final-normed
-        hidden states of the chunk [b, T, d] (apply `lm_head` to those whose logits are needed)."""
+        hidden states of the chunk [b, T, d] (apply `lm_head` to those whose logits are needed).
+
+        `grad_from` (training): layers below it run without autograd, for when nothing below is trained. The
+        feedback rows' keys/values that those layers read stay as given (they are made in `with_fam`), but no
+        gradient flows back through those layers' token rows."""
         cfg = state.cfg
         b, T = tokens.shape
         S, B = state.n_cached, cfg.block_size
@@ -251,22 +255,25 @@ class FamLM(nn.Module):
         new_k, new_v, new_fam = [], [], []
         tok_cos, tok_sin = cos[:, :, fam_rows:], sin[:, :, fam_rows:]
         tok_mask = None if mask is None else mask[fam_rows:]
+        grad = torch.is_grad_enabled()
+        fam0 = self.initial_fam() if cfg.fam_gate != 1.0 and fam_rows else None  # [L, F, d], once per call
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            fam_in = state.fam[:, li]
-            r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
-            x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
-            xn = layer.input_layernorm(x)
-            q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
-            k, v = attn.kv(xn[:, r:])  # the feedback rows' own keys are already in the state
-            keys = torch.cat((state.k[li], Rope.apply(k, tok_cos, tok_sin)), 2)
-            vals = torch.cat((state.v[li], v), 2)
-            resid = torch.cat((fam_in * keep, h), 1) if r else h
-            y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
-            new_fam.append(self._gated(cfg, li, y[:, :r]) if r else fam_in)
-            h = y[:, r:]
-            new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
-            new_v.append(vals)
+            fam_in = state.fam[:, li]  # outside the no-grad layers: their state passes on with its graph
+            with torch.set_grad_enabled(grad and li >= grad_from):
+                attn = layer.self_attn
+                r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
+                x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
+                xn = layer.input_layernorm(x)
+                q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
+                k, v = attn.kv(xn[:, r:])  # the feedback rows' own keys are already in the state
+                keys = torch.cat((state.k[li], Rope.apply(k, tok_cos, tok_sin)), 2)
+                vals = torch.cat((state.v[li], v), 2)
+                resid = torch.cat((fam_in * keep, h), 1) if r else h
+                y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
+                new_fam.append(self._gated(cfg, fam0, li, y[:, :r]) if r else fam_in)
+                h = y[:, r:]
+                new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
+                new_v.append(vals)
         h = self.norm(h)
 
         new = replace(state, k=tuple(new_k), v=tuple(new_v), n_tokens=state.n_tokens + T, n_block=state.n_block + T)
@@ -284,6 +291,8 @@ class FamLM(nn.Module):
         assert len(states) == len(tokens) and states, "one chunk of tokens per state"
         dt, dev = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
         docs = [_Doc.plan(self, s, t) for s, t in zip(states, tokens, strict=True)]
+        gated = any(s.cfg.fam_gate != 1.0 and d.fam_rows for s, d in zip(states, docs, strict=True))
+        fam0 = self.initial_fam() if gated else None  # [L, F, d]
         for d, start in zip(docs, itertools.accumulate((d.fam_rows + d.T for d in docs[:-1]), initial=0), strict=True):
             d.start = start  # where the document's rows begin in `pos`
         # RoPE tables of the flattened rows: layers that update the feedback state see the feedback rows of the
@@ -323,7 +332,7 @@ class FamLM(nn.Module):
             y = layer.finish(resid, attn.out(torch.cat(outs, 2)))
             at = 0
             for i, (d, r) in enumerate(zip(docs, rows, strict=True)):
-                new_fam[i].append(self._gated(states[i].cfg, li, y[:, at:at + r]) if r else fam_in[i])
+                new_fam[i].append(self._gated(states[i].cfg, fam0, li, y[:, at:at + r]) if r else fam_in[i])
                 hs[i] = y[:, at + r:at + r + d.T]
                 at += r + d.T
         normed = self.norm(torch.cat(hs, 1)).split([d.T for d in docs], 1)
@@ -335,12 +344,13 @@ class FamLM(nn.Module):
             out.append((new, normed[i]))
         return out
 
-    def _gated(self, cfg: FamConfig, li: int, fam: Tensor) -> Tensor:
-        """Layer li's updated feedback rows [b, F, d] after FamConfig.fam_gate: F0 + g·(F_new - F0)."""
-        if cfg.fam_gate == 1.0:
+    @staticmethod
+    def _gated(cfg: FamConfig, fam0: Tensor | None, li: int, fam: Tensor) -> Tensor:
+        """Layer li's updated feedback rows [b, F, d] after FamConfig.fam_gate: F0 + g·(F_new - F0), with fam0
+        the initial state [L, F, d] (None when the gate is 1)."""
+        if fam0 is None or cfg.fam_gate == 1.0:
             return fam
-        f0 = self.initial_fam()[li]
-        return f0 + cfg.fam_gate * (fam - f0)
+        return fam0[li] + cfg.fam_gate * (fam - fam0[li])
 
     def _complete_block(self, s: FamState, fam: Tensor | None) -> FamState:
         """Slide the window by one block and swap in the updated feedback state."""
@@ -365,12 +375,9 @@ class FamLM(nn.Module):
         """Any number of tokens [b, N], cut at block boundaries. Returns the new state and the final-normed
         hidden state of the last token [b, d] (the input of the next-token logits)."""
         assert tokens.shape[1] > 0, "ingest needs at least one token"
-        pos, last = 0, None
-        while pos < tokens.shape[1]:
-            n = min(state.cfg.block_size - state.n_block, tokens.shape[1] - pos)
-            state, h = self.forward_chunk(state, tokens[:, pos:pos + n])
-            last, pos = h[:, -1], pos + n
-        return state, last
+        for a, b in state.cuts(tokens.shape[1]):
+            state, h = self.forward_chunk(state, tokens[:, a:b])
+        return state, h[:, -1]
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()

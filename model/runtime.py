@@ -108,7 +108,7 @@ class FamRuntime:
         how many of `ids` were consumed and the final-normed hidden state of the last consumed token."""
         t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         t = t[None] if t.dim() == 1 else t
-        n = min(state.cfg.block_size - state.n_block, t.shape[1])
+        _, n = state.cuts(t.shape[1])[0]
         state, h = self.module.forward_chunk(state, t[:, :n])
         return state, n, h[:, -1]
 

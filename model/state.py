@@ -47,6 +47,17 @@ class FamState:
         """Cache slot where the current block begins."""
         return self.n_cached - self.n_block
 
+    def cuts(self, n: int) -> list[tuple[int, int]]:
+        """The next `n` tokens cut at block boundaries: [start, end) spans, the first filling the current block's
+        remaining room, each one a valid chunk for `FamLM.forward_chunk` in turn (a chunk that completes a block
+        resets the fill to 0)."""
+        B, fill, pos, out = self.cfg.block_size, self.n_block, 0, []
+        while pos < n:
+            t = min(B - fill, n - pos)
+            out.append((pos, pos + t))
+            pos, fill = pos + t, (fill + t) % B
+        return out
+
     @property
     def nbytes(self) -> int:
         """Bytes held by this state's tensors (what a session costs in memory)."""

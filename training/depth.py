@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,7 +39,6 @@ from model.adapter import BUNDLED, load_adapter
 from model.fam import FamLM
 from model.loader import DEFAULT_MODEL_NAME
 from model.runtime import FamRuntime
-from model.state import FamState
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "depth"
@@ -78,15 +76,6 @@ def text_tokens(tokenizer, cache: Path = RUNS / "rdocs_tokens.json") -> list[int
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-def blocks(state: FamState, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Cut [start, end) at the block boundaries of `state` (which has already ingested `start` tokens)."""
-    pos, fill = start, state.n_block
-    while pos < end:
-        n = min(state.cfg.block_size - fill, end - pos)
-        yield pos, pos + n
-        pos, fill = pos + n, 0
-
-
 def window_stream(m: FamLM, mode: str, depth: int, window: int = WINDOW, extra_blocks: int = 1
                   ) -> tuple[list[int], int]:
     """Which stream positions give a sink/bswa state equal to the whole stream's at `depth`: the sinks, then the
@@ -109,7 +98,7 @@ def window_logits(m: FamLM, mode: str, ids: Tensor, depth: int, window: int = WI
     idx, position = window_stream(m, mode, depth, window, extra_blocks)
     short = ids[torch.tensor(idx, device=ids.device)]
     state, out = m.new_state(mode=mode, position=position), []
-    for a, b in blocks(state, 0, len(idx)):
+    for a, b in state.cuts(len(idx)):
         state, h = m.forward_chunk(state, short[None, a:b])
         if b > len(idx) - window:
             out.append(m.logits(h[0, max(0, len(idx) - window - a):]))
@@ -159,7 +148,7 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
     ids = torch.tensor(stream[:end + 1], device=rt.device)
     windows = {d: [0, 0] for d in todo}
     t0, t_ckpt = time.time(), time.time()
-    for a, b in blocks(state, pos, end):
+    for a, b in ((pos + x, pos + y) for x, y in state.cuts(end - pos)):
         old = state.fam
         state, h = m.forward_chunk(state, ids[None, a:b])
         for d, acc in windows.items():

@@ -25,11 +25,10 @@ def chunked_logits(m, state: FamState, ids: torch.Tensor, sizes: list[int]) -> t
     """Ingest ids in the given chunk sizes (each cut further at block boundaries); all-position logits."""
     out, pos = [], 0
     for n in sizes:
-        while n:
-            t = min(n, state.cfg.block_size - state.n_block)
-            state, h = m.forward_chunk(state, ids[:, pos:pos + t])
+        for a, b in state.cuts(n):
+            state, h = m.forward_chunk(state, ids[:, pos + a:pos + b])
             out.append(m.logits(h))
-            pos, n = pos + t, n - t
+        pos += n
     return state, torch.cat(out, 1)
 
 
@@ -284,3 +283,16 @@ def test_fam_gate_keeps_a_fraction_of_each_move_from_the_initial_state(tiny_dirs
     assert "fam_gate" not in FamConfig().describe() and FamConfig(fam_gate=0.5).describe()["fam_gate"] == 0.5
     with pytest.raises(ValueError, match="fam_gate"):
         FamConfig(fam_gate=1.5)
+
+
+def test_cuts_follow_block_boundaries():
+    """FamState.cuts: the spans forward_chunk accepts in turn, from any fill of the current block."""
+    from dataclasses import replace
+
+    state = FamState(cfg=FamConfig(block_size=8), k=(), v=(), fam=torch.zeros(1, 0, 0, 0), fam_fresh=torch.ones(1),
+                     base=torch.zeros(1), n_tokens=torch.zeros(1), n_block=0, n_sinks=0)
+    assert state.cuts(0) == []
+    assert state.cuts(5) == [(0, 5)]
+    assert state.cuts(20) == [(0, 8), (8, 16), (16, 20)]
+    assert replace(state, n_block=5).cuts(20) == [(0, 3), (3, 11), (11, 19), (19, 20)]
+    assert replace(state, n_block=5).cuts(3) == [(0, 3)]

@@ -53,13 +53,11 @@ def test_save_load_continue(tmp_path):
 def _late_loss(rt: FamRuntime, mode: str, ids: list[int], skip: int) -> float:
     """Mean next-token loss on ids[skip:] after ingesting from the start in `mode`."""
     state, losses = rt.new_state(mode=mode), []
-    block = rt.fam_config.block_size
-    for i in range(0, len(ids) - 1, block):
-        x = ids[i:i + block + 1]
-        state, h = rt.module.forward_chunk(state, torch.tensor([x[:block]]))
-        if i >= skip:
-            losses.append(torch.nn.functional.cross_entropy(rt.module.logits(h)[0, :len(x) - 1],
-                                                            torch.tensor(x[1:])).item())
+    for a, b in state.cuts(len(ids) - 1):
+        state, h = rt.module.forward_chunk(state, torch.tensor([ids[a:b]]))
+        if a >= skip:
+            target = torch.tensor(ids[a + 1:b + 1])
+            losses.append(torch.nn.functional.cross_entropy(rt.module.logits(h)[0], target).item())
     return sum(losses) / len(losses)
 
 
@@ -67,7 +65,7 @@ def _late_loss(rt: FamRuntime, mode: str, ids: list[int], skip: int) -> float:
 def test_bundled_adapter_keeps_fam_working_past_the_collapse():
     """The default model loads its bundled adapter; with it, fam mode on held-out prose 12-16 blocks in (where the
     untrained FAM state collapses to chance, docs/untrained_fam.md) predicts as well as sink mode, within 0.3 nats."""
-    from model.data import prose_tokens
+    from training.data import prose_tokens
 
     rt = FamRuntime.load(None, adapter="auto", dtype="bfloat16")
     assert rt.adapter is not None and rt.fam_config == rt.adapter.fam_config() and rt.fam_config.mode == "fam"

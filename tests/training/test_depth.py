@@ -8,7 +8,7 @@ import torch
 
 from model import FamConfig
 from model.loader import load_module
-from training.depth import blocks, window_logits
+from training.depth import window_logits
 
 
 class _NoTokenizer:
@@ -18,7 +18,7 @@ class _NoTokenizer:
 
 def stream_logits(m, mode: str, ids: torch.Tensor, depth: int, window: int) -> torch.Tensor:
     state, out = m.new_state(mode=mode), []
-    for a, b in blocks(state, 0, depth + window):
+    for a, b in state.cuts(depth + window):
         state, h = m.forward_chunk(state, ids[None, a:b])
         out.append(m.logits(h[0]))
     return torch.cat(out)[depth:depth + window]

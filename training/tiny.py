@@ -19,7 +19,7 @@ import torch
 from model.config import ArchConfig, FamConfig
 from model.fam import FamLM
 from model.loader import build_rope
-from model.train import Carried, carried_state, sequence_loss, start_state
+from training.train import Carried, carried_state, sequence_loss, start_state
 
 KEY, QUERY, N_FILLER = 10, 11, 20
 VOCAB = 12 + N_FILLER

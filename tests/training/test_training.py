@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.tiny import TinySetup, build_model, passkey_accuracy, train
-from model.train import Carried, carried_state, sequence_loss, start_state
+from training.tiny import TinySetup, build_model, passkey_accuracy, train
+from training.train import Carried, carried_state, sequence_loss, start_state
 
 SETUP = replace(TinySetup(), memory_blocks=0)
 
@@ -101,7 +101,7 @@ def tokenizer(default_model_dir):
 
 @pytest.mark.realmodel
 def test_data_layout(tokenizer):
-    from model.data import DataMaker, to_tensors
+    from training.data import DataMaker, to_tensors
 
     maker = DataMaker(tokenizer, list(range(1000, 9000)), seed=0)
     for _ in range(20):
@@ -127,8 +127,8 @@ def test_export_round_trip(tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
 
     from model.adapter import load_adapter
-    from model.finetune import export_adapter, lora_weights
     from model.runtime import FamRuntime
+    from training.finetune import export_adapter, lora_weights
 
     trained = build_model(SETUP, "fam")
     base = build_model(SETUP, "fam")
@@ -186,7 +186,7 @@ def test_small_lora_delta_survives_bf16(tmp_path):
 def test_distillation_loss():
     """KL(teacher || model) is zero against the model's own log-probabilities and positive against another model's;
     the weighted loss is the one sequence_loss gives."""
-    from model.train import distill_sequence_loss
+    from training.train import distill_sequence_loss
 
     module, other = build_model(SETUP, "fam"), build_model(replace(SETUP, seed=SETUP.seed + 1), "fam")
     gen = torch.Generator().manual_seed(6)
@@ -196,8 +196,8 @@ def test_distillation_loss():
     def logprobs(m):
         with torch.no_grad():
             state, out = m.new_state(batch=2), []
-            for pos in range(0, tokens.shape[1], SETUP.block_size):
-                state, h = m.forward_chunk(state, tokens[:, pos:pos + SETUP.block_size])
+            for a, b in state.cuts(tokens.shape[1]):
+                state, h = m.forward_chunk(state, tokens[:, a:b])
                 out.append(torch.log_softmax(m.lm_head(h).float(), -1))
             return torch.cat(out, 1)
 
@@ -215,7 +215,7 @@ def test_teacher_is_the_base_model_in_full_mode():
     """The distillation teacher ignores the LoRA being trained and sees the whole sequence (full mode)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from model.finetune import teacher_logprobs
+    from training.finetune import teacher_logprobs
 
     base = build_model(SETUP, "fam")
     trained = build_model(SETUP, "fam")
@@ -237,7 +237,7 @@ def test_teacher_is_the_base_model_in_full_mode():
 
 @pytest.mark.slow
 def test_tiny_passkey_fam_beats_bswa_past_the_window():
-    """Step 1 of issue #5 (scripts/tiny_passkey.py): with m = 0 the window is the current block, so at the
+    """Step 1 of issue #5 (training/tiny_passkey.py): with m = 0 the window is the current block, so at the
     training length most keys lie blocks behind the question. FAM reads them from memory, BSWA guesses (10%).
     Length extrapolation (8x and more) is not asserted: at this budget it is not reached (docs/training.md)."""
     torch.set_num_threads(1)
@@ -256,8 +256,8 @@ def test_training_can_start_from_an_adapter_file(tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
 
     from model.adapter import save_adapter
-    from model.finetune import init_from_adapter, lora_weights
     from model.runtime import FamRuntime
+    from training.finetune import init_from_adapter, lora_weights
 
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     trained, fresh = build_model(SETUP, "fam"), build_model(SETUP, "fam")
@@ -281,3 +281,174 @@ def test_training_can_start_from_an_adapter_file(tmp_path):
     with pytest.raises(ValueError, match="LoRA r/alpha"):
         init_from_adapter(fresh, trainable, fingerprint, SimpleNamespace(init_adapter=args.init_adapter, lora_r=8,
                                                                          lora_alpha=16))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the cuts that make a step cheap (training/bench_step.py): each computes what the plain step computes
+
+
+def _sparse_weights(shape, gen):
+    w = torch.rand(shape, generator=gen)
+    return torch.where(torch.rand(shape, generator=gen) < 0.8, 0.0, w)  # most positions carry no loss
+
+
+def test_logits_only_where_a_loss_needs_them():
+    """Sparse weights: the loss and the gradients equal a reference that takes logits at every position."""
+    module = build_model(SETUP, "fam")
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, 32, (2, 2 * SETUP.block_size + 5), generator=gen)
+    weights = _sparse_weights(tokens.shape, gen)
+    _, loss, correct = sequence_loss(module, module.new_state(batch=2), tokens, weights, use_checkpoint=False)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    state, ref, ref_correct = module.new_state(batch=2), 0.0, 0
+    for a, b in state.cuts(tokens.shape[1]):
+        state, h = module.forward_chunk(state, tokens[:, a:b])
+        logits = module.logits(h)[:, :-1] if b == tokens.shape[1] else module.logits(h)
+        t = tokens[:, a + 1:b + 1]
+        w = weights[:, a:a + t.shape[1]]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none")
+        ref = ref + (ce * w.reshape(-1)).sum()
+        ref_correct += int(((logits.argmax(-1) == t) & (w > 0)).sum())
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and correct.item() == ref_correct
+    for n, p in module.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def _logprobs(m, tokens):
+    with torch.no_grad():
+        state, out = m.new_state(batch=tokens.shape[0]), []
+        for a, b in state.cuts(tokens.shape[1]):
+            state, h = m.forward_chunk(state, tokens[:, a:b])
+            out.append(torch.log_softmax(m.lm_head(h).float(), -1))
+        return torch.cat(out, 1)
+
+
+def test_top_k_distillation_and_the_kd_mask():
+    """Top-k KD with k = V is the full KL; the KD mask restricts the KL to its positions (and the logits computed
+    only there give the same value)."""
+    from training.train import TopK, distill_sequence_loss
+
+    module, other = build_model(SETUP, "fam"), build_model(replace(SETUP, seed=SETUP.seed + 1), "fam")
+    gen = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, 32, (2, 2 * SETUP.block_size + 3), generator=gen)
+    weights = _sparse_weights(tokens.shape, gen)
+    teacher = _logprobs(other, tokens)
+    run = lambda t, mask=None: distill_sequence_loss(module, module.new_state(batch=2), tokens, weights, t,  # noqa: E731
+                                                     use_checkpoint=False, kd_mask=mask)
+    _, loss, kl, _ = run(teacher)
+    _, loss_k, kl_k, _ = run(TopK(*teacher.topk(teacher.shape[-1], -1)))
+    torch.testing.assert_close(kl_k, kl)
+    torch.testing.assert_close(loss_k, loss)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[0, 3:20] = True
+    mask[1, -9:] = True
+    _, loss_m, kl_m, _ = run(teacher, mask)
+    mine = _logprobs(module, tokens)
+    ref = (teacher.exp() * (teacher - mine)).sum(-1)[mask].sum()
+    torch.testing.assert_close(kl_m, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_m, loss)
+    _, _, kl_small, _ = run(TopK(*teacher.topk(4, -1)))
+    assert 0 < kl_small.item() < kl.item() * 1.5  # a truncated sum, not the KL
+
+
+def test_layers_below_the_trainable_ones_run_without_autograd():
+    """grad_from: with LoRA only on the upper layer, the loss and LoRA's gradients are those of the full graph; the
+    prompt still learns (through the upper layer only)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    s = replace(SETUP, layers=3)
+    module = build_model(s, "fam")
+    module.fam_cfg = module.fam_cfg.replace(fam_update_from=1)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["layers.1.self_attn.q_proj",
+                                                                          "layers.2.mlp.down_proj"]), module)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    module.requires_grad_(False)
+    trainable = {n: p for n, p in module.named_parameters() if "lora_" in n} | {"fam_prompt": module.fam_prompt}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    from training.finetune import grad_from
+
+    assert grad_from(module, trainable) == 1
+    gen = torch.Generator().manual_seed(10)
+    tokens = torch.randint(0, 32, (1, 3 * s.block_size), generator=gen)
+    weights = torch.rand(tokens.shape, generator=gen)
+    results = []
+    for first in (0, 1):
+        module.zero_grad(set_to_none=True)
+        state, loss, _ = sequence_loss(module, module.new_state(), tokens, weights, grad_from=first)
+        (loss + state.fam.sum()).backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in trainable.items()}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    for n in g0:
+        if n != "fam_prompt":
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7)
+    assert g1["fam_prompt"].abs().sum() > 0
+
+
+@pytest.mark.realmodel
+def test_finetune_runs_and_resumes_on_the_cpu(tmp_path):
+    """Two steps of the real trainer with --device cpu (the CUDA path is the same code on another device type), then
+    a resumed third; the step's PassKey rows skip the teacher."""
+    import json
+
+    from training.finetune import main
+
+    common = ["--run", str(tmp_path), "--device", "cpu", "--block-size", "64", "--seq-blocks", "2", "2",
+              "--mix", '{"passkey_standard": 0.5, "prose": 0.5}', "--min-gap", "64", "--kd-topk", "8",
+              "--threads", "1"]
+    main([*common, "--steps", "2"])
+    main([*common, "--steps", "3", "--resume"])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+    assert all(r["kl"] == 0 for r in log if r["kinds"][0].startswith("passkey"))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["lora"]["layers_from"] == 12 and "resumed_with" in meta
+
+
+def test_lora_layout_follows_what_the_run_continues(tmp_path):
+    """A fresh run puts LoRA on the layers >= 12; --init-adapter from the shipped adapter (LoRA on every layer, written
+    before the layout was recorded) and --resume keep the layout they continue."""
+    from model.adapter import BUNDLED
+    from training.finetune import parse_args, save_checkpoint
+
+    assert parse_args(["--run", str(tmp_path)]).lora_from == 12
+    shipped = BUNDLED["SmolLM2-135M-Instruct"]
+    assert parse_args(["--run", str(tmp_path), "--init-adapter", str(shipped)]).lora_from == 0
+    assert parse_args(["--run", str(tmp_path), "--init-adapter", str(shipped), "--lora-from", "6"]).lora_from == 6
+    save_checkpoint(tmp_path / "ckpt.pt", meta={"lora": {"r": 8, "alpha": 16, "layers_from": 3}})
+    assert parse_args(["--run", str(tmp_path), "--resume"]).lora_from == 3
+
+
+@pytest.mark.parametrize("topk", [0, 5])
+def test_fused_head_equals_autograd(topk):
+    """HeadLoss (gradients formed in the forward) against autograd over float32 logits: values and gradients, with
+    the lm_head's weight trained (the tiny model) and CE and KL weighted per row."""
+    from training import train as T
+
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(7, 16, generator=gen)
+    weight = torch.randn(40, 16, generator=gen) * 0.5
+    y = torch.randint(0, 40, (7,), generator=gen)
+    w = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 1.0, 0.1])
+    k = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    t = torch.log_softmax(torch.randn(7, 40, generator=gen), -1)
+    t_logp, t_ids = (t, None) if not topk else t.topk(topk, -1)
+    out = []
+    for fused in (True, False):
+        hh, ww = h.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fused:
+            ce, kl, correct = T.HeadLoss.apply(hh, ww, y, w, k, t_logp, t_ids)
+        else:
+            ce, kl, correct = T._head_loss_autograd(hh @ ww.t(), y, w, k, t_logp, t_ids)
+        (0.3 * ce + 1.7 * kl).backward()
+        out.append((ce, kl, correct, hh.grad, ww.grad))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

