@@ -105,6 +105,16 @@ def window_logits(m: FamLM, mode: str, ids: Tensor, depth: int, window: int = WI
     return torch.cat(out)
 
 
+def stream_logits(m: FamLM, mode: str, ids: Tensor, depth: int, window: int = WINDOW) -> Tensor:
+    """Logits [window, vocab] at positions [depth, depth + window) of ids [N], ingesting the whole stream."""
+    state, out = m.new_state(mode=mode), []
+    for a, b in state.cuts(depth + window):
+        state, h = m.forward_chunk(state, ids[None, a:b])
+        if b > depth:
+            out.append(m.logits(h[0, max(0, depth - a):]))
+    return torch.cat(out)
+
+
 def score(m: FamLM, h: Tensor, targets: Tensor) -> tuple[int, int]:
     """Greedy next-token hits of hidden states h [1, T, d] against targets [T]."""
     pred = m.logits(h[0]).argmax(-1)

@@ -73,5 +73,6 @@ def test_bundled_adapter_keeps_fam_working_past_the_collapse():
     ids = prose_tokens(rt.tokenizer, held_out=True)[20_000:20_000 + 16 * block + 1]
     fam, sink = _late_loss(rt, "fam", ids, 12 * block), _late_loss(rt, "sink", ids, 12 * block)
     assert fam < sink + 0.3, (fam, sink)
-    untrained = FamRuntime.load(None, fam=rt.fam_config.replace(fam_update_from=0), adapter=None, dtype="bfloat16")
+    untrained = FamRuntime.load(None, fam=rt.fam_config.replace(fam_update_from=0, fam_gate=1.0), adapter=None,
+                                dtype="bfloat16")
     assert _late_loss(untrained, "fam", ids, 12 * block) > sink + 1.0  # the test can tell a collapse
