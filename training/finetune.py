@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="first layer whose FAM state updates (FamConfig.fam_update_from); 12 for SmolLM2-135M: with "
                          "every layer updating, the untrained model collapses after ~12 blocks and RSP's carried "
                          "states wreck training (docs/training.md)")
+    ap.add_argument("--fam-gate", type=float, default=None,
+                    help="FamConfig.fam_gate to train with (1: the paper's update). Default: the gate of the adapter "
+                         "given to --init-adapter, else 1 (docs/design.md)")
     ap.add_argument("--seq-blocks", type=int, nargs=2, default=(4, 8), metavar=("MIN", "MAX"),
                     help="sequence length in blocks, drawn uniformly per step")
     ap.add_argument("--batch", type=int, default=1)
@@ -100,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.lora_from is None:
         args.lora_from = inherited_lora_from(args)
+    if args.fam_gate is None:
+        from model.adapter import load_adapter
+
+        args.fam_gate = load_adapter(args.init_adapter, "").fam_config().fam_gate if args.init_adapter else 1.0
     return args
 
 
@@ -123,7 +130,8 @@ def setup(args: argparse.Namespace) -> tuple[FamRuntime, str, dict[str, torch.nn
     from peft import LoraConfig, inject_adapter_in_model
 
     fam = FamConfig(mode=args.mode, block_size=args.block_size, memory_blocks=args.memory_blocks,
-                    fam_len=args.fam_len, fam_update_from=args.fam_update_from)
+                    fam_len=args.fam_len, fam_update_from=args.fam_update_from,
+                    fam_gate=1.0 if getattr(args, "fam_gate", None) is None else args.fam_gate)
     dtype = {"bf16": "bfloat16", "fp16": "float16", "off": "float32"}[getattr(args, "amp", "bf16")]
     rt = FamRuntime.load(args.model, fam=fam, dtype=dtype, device=getattr(args, "device", "cpu"))
     base_fp = rt.model_fingerprint  # before anything is applied

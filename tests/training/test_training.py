@@ -423,6 +423,10 @@ def test_lora_layout_follows_what_the_run_continues(tmp_path):
     shipped = BUNDLED["SmolLM2-135M-Instruct"]
     assert parse_args(["--run", str(tmp_path), "--init-adapter", str(shipped)]).lora_from == 0
     assert parse_args(["--run", str(tmp_path), "--init-adapter", str(shipped), "--lora-from", "6"]).lora_from == 6
+    # the gate the adapter is served with is the gate it goes on training with, unless told otherwise
+    assert parse_args(["--run", str(tmp_path), "--init-adapter", str(shipped)]).fam_gate == 0.75
+    assert parse_args(["--run", str(tmp_path)]).fam_gate == 1.0
+    assert parse_args(["--run", str(tmp_path), "--fam-gate", "0"]).fam_gate == 0.0
     save_checkpoint(tmp_path / "ckpt.pt", meta={"lora": {"r": 8, "alpha": 16, "layers_from": 3}})
     assert parse_args(["--run", str(tmp_path), "--resume"]).lora_from == 3
 
