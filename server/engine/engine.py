@@ -66,9 +66,9 @@ class _Call:
 
 
 # The mode of new sessions when the server is not told one: `sink`, with or without an adapter, until a FAM
-# adapter passes the depth test (docs/depth.md). Untrained FAM collapses to chance-level next-token loss after
-# ~12 blocks (docs/untrained_fam.md); the bundled adapter holds up to ~8k tokens, then drifts far below `sink`.
-# A session asked for in `fam` still gets `fam`.
+# adapter passes the depth test (docs/depth.md: never more than 1 point below sink). Untrained FAM collapses after
+# ~12 blocks (docs/untrained_fam.md); the bundled adapter, gated, stays 1-2 points below sink. A session asked for
+# in `fam` still gets `fam`.
 DEFAULT_MODE = "sink"
 
 
