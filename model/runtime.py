@@ -6,6 +6,7 @@ Nothing here is inference-only: call sites wrap work in `torch.inference_mode()`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -143,7 +144,11 @@ class FamRuntime:
         meta = read_safetensors_metadata(data)
         if meta.get("format") != STATE_FORMAT:
             raise StateMismatchError(f"not a FAM state (format {meta.get('format')!r}, expected {STATE_FORMAT!r})")
-        cfg = FamConfig(**json.loads(meta["fam_config"]))
+        fields = json.loads(meta["fam_config"])
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(FamConfig)})
+        if unknown:  # a state from another version of this server
+            raise StateMismatchError(f"state was saved with FAM settings this server does not know: {unknown}")
+        cfg = FamConfig(**fields)
         # Sessions may differ in mode; everything else must be this runtime's configuration.
         saved, ours = json.loads(meta["fingerprint"]), self.state_fingerprint(self.fam_config.replace(mode=cfg.mode))
         diff = [f"{k}: saved {saved.get(k)!r}, this server {ours[k]!r}" for k in ours if saved.get(k) != ours[k]]

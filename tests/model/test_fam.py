@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from transformers import AutoModelForCausalLM
 
 from model import FamConfig, FamRuntime, FamState
 from model.fam import _mask
 from model.loader import load_module
+from model.runtime import StateMismatchError, read_safetensors_metadata
 
 
 class _NoTokenizer:
@@ -229,6 +234,11 @@ def test_runtime_roundtrip_and_mismatch(tiny_chat_dir):
         bf16.state_from_bytes(rt.state_to_bytes(state))
     with pytest.raises(ValueError, match="not a FAM state"):
         rt.state_from_bytes(b"\x00" * 4 + b"garbage")
+    data = rt.state_to_bytes(state)
+    meta = read_safetensors_metadata(data)
+    meta["fam_config"] = json.dumps({**json.loads(meta["fam_config"]), "fam_newer_setting": 1})
+    with pytest.raises(StateMismatchError, match="does not know: \\['fam_newer_setting'\\]"):
+        rt.state_from_bytes(st_save(st_load(data), metadata=meta))  # another server version's state
 
 
 @torch.no_grad()
