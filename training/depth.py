@@ -169,7 +169,7 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
                 if hi == d + WINDOW:
                     record({"system": system, "set": overrides, "depth": d, "hits": acc[0], "n": acc[1],
                             "accuracy": round(acc[0] / acc[1], 4), "seconds": round(time.time() - t0)})
-                    print(f"{system} depth {d}: {acc[0] / acc[1]:.3f} ({b / (time.time() - t0 + 1e-9):.0f} "
+                    print(f"{system} depth {d}: {acc[0] / acc[1]:.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
                           f"tok/s since start)", flush=True)
         if b % B == 0 and state.cfg.F:
             blk = b // B - 1
