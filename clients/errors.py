@@ -12,8 +12,9 @@ is the fallback for bodies without a known code (e.g. an HTML page from a proxy 
     ├── NotFoundError            404 session_not_found
     ├── PayloadTooLargeError     413 payload_too_large
     ├── RateLimitError           429 queue_full, too_many_sessions (has retry_after)
-    ├── ServerError              500 server_error (and any other 5xx)
-    │   └── ServiceUnavailableError  503 model_loading
+    ├── ServerError              500 server_error, 507 store_full (and any other 5xx)
+    │   └── ServiceUnavailableError  503 model_loading, shutting_down, session_busy, lease_lost,
+    │                                store_unavailable (the client retries these)
     ├── APIConnectionError       no HTTP answer at all (refused, reset, DNS)
     │   └── APITimeoutError
     └── ProtocolError            the answer broke the API contract (bad JSON, stream cut before [DONE])
@@ -133,6 +134,10 @@ _BY_CODE: dict[str, type[FamError]] = {
     "method_not_allowed": BadRequestError,
     "too_many_sessions": RateLimitError,
     "shutting_down": ServiceUnavailableError,
+    "session_busy": ServiceUnavailableError,
+    "lease_lost": ServiceUnavailableError,
+    "store_unavailable": ServiceUnavailableError,
+    "store_full": ServerError,
 }
 
 _BY_STATUS: dict[int, type[FamError]] = {

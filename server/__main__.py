@@ -48,10 +48,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        lock = DataDirLock.acquire(settings.data_dir)  # before listening: a second server never answers at all
-    except DataDirLocked as e:
-        sys.exit(f"fam-server: error: {e}")
+    lock = None
+    if settings.store is None:  # sessions in the data dir: one server owns it (a Redis store is shared)
+        try:
+            lock = DataDirLock.acquire(settings.data_dir)  # before listening: a second server never answers at all
+        except DataDirLocked as e:
+            sys.exit(f"fam-server: error: {e}")
     app = create_app(settings, data_dir_lock=lock)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 

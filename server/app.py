@@ -5,6 +5,8 @@ Without a runtime the model loads in a background thread once the server is up, 
 
 Start-up first takes the data directory's lock (`server.data_dir`), unless the caller already holds it
 (`fam-server` takes it before it starts listening): a second server over the same directory refuses to start.
+With a Redis store (`--store`) the sessions are not in the data directory and any number of servers share them:
+no lock is taken.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        own_lock = data_dir_lock is None
-        app.state.data_dir_lock = data_dir_lock or DataDirLock.acquire(settings.data_dir)  # DataDirLocked: no start
+        own_lock = data_dir_lock is None and settings.store is None
+        if own_lock:
+            app.state.data_dir_lock = DataDirLock.acquire(settings.data_dir)  # DataDirLocked: no start
         loading = asyncio.create_task(start_engine(app))
         if runtime is not None:
             await loading  # already loaded: only the engine to start

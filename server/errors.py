@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.engine import EngineError, QueueFull
+from server.engine import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ STATUS_BY_CODE = {
     "server_error": 500,
     "model_loading": 503,
     "shutting_down": 503,
+    "session_busy": 503,  # another replica works on the session; Retry-After
+    "lease_lost": 503,  # this replica lost the session's lease mid-request; the session is as of its last commit
+    "store_unavailable": 503,  # Redis cannot be reached
+    "store_full": 507,  # Redis is at maxmemory (noeviction): nothing committed is lost
 }
 BODY_SHAPE_ERRORS = ("missing", "model_attributes_type", "model_type", "dict_type")
 CODE_BY_HTTP_STATUS = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
@@ -77,7 +81,7 @@ def error_response(code: str, message: str, param: str | None = None,
 def from_exception(exc: Exception) -> tuple[str, str, str | None, dict[str, str]]:
     """(code, message, param, headers) for any exception; used for responses and for errors inside streams."""
     if isinstance(exc, EngineError):
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else {}
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
         return exc.code, exc.message, exc.param, headers
     if isinstance(exc, APIError):
         return exc.code, exc.message, exc.param, exc.headers

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import MODES
@@ -18,7 +18,8 @@ from server.engine import EngineConfig
 # The settings `fam-server` also takes as command line flags (`data_dir` -> `--data-dir`); the rest come from the
 # environment only. Every flag's help is its field's description (see server.__main__).
 FLAGS = ("host", "port", "model", "adapter", "mode", "block_size", "memory_blocks", "fam_len", "dtype", "device",
-         "data_dir")
+         "data_dir", "store")
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Settings(BaseSettings):
@@ -50,8 +51,15 @@ class Settings(BaseSettings):
     # --- storage and security
     data_dir: Path = Field(Path("./data"), description="where session snapshots, the generated snapshot secret "
                                                        "and the server's lock are kept")
+    store: str | None = Field(None, description="where sessions live: unset = data_dir; redis://host:port/db = a "
+                                                "Redis that several replicas share (needs FAM_SECRET)")
     secret: SecretStr | None = Field(None, description="HMAC key for snapshots (unset: generated once and kept in "
-                                                       "data_dir/secret)")
+                                                       "data_dir/secret; required with a Redis store)")
+    lease_seconds: float = Field(10.0, gt=0, description="Redis store: a replica's lease on a session it changes "
+                                                         "lasts this long unless renewed (a dead replica's sessions "
+                                                         "are free again after it)")
+    lease_wait_seconds: float = Field(30.0, ge=0, description="Redis store: a change waits this long for another "
+                                                              "replica's lease before answering 503 session_busy")
     api_keys: SecretStr | None = Field(None, description="comma-separated Bearer keys (unset: no authentication)")
 
     # --- limits
@@ -73,6 +81,23 @@ class Settings(BaseSettings):
         if v is not None and v not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         return v
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if not v.startswith(STORE_SCHEMES):
+            raise ValueError(f"store must be a Redis URL ({', '.join(s + '...' for s in STORE_SCHEMES)}), or unset "
+                             "for the data directory")
+        return v
+
+    @model_validator(mode="after")
+    def _shared_secret(self) -> Settings:
+        if self.store is not None and self.secret is None:
+            raise ValueError("a Redis store needs FAM_SECRET: every replica must sign and verify snapshots with the "
+                             "same key")
+        return self
 
     @field_validator("adapter")
     @classmethod
@@ -101,4 +126,7 @@ class Settings(BaseSettings):
             max_pdf_pages=self.max_pdf_pages,
             memory_budget_bytes=self.memory_budget_bytes,
             checkpoint_seconds=self.checkpoint_seconds,
+            store_url=self.store,
+            lease_seconds=self.lease_seconds,
+            lease_wait_seconds=self.lease_wait_seconds,
         )

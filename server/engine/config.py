@@ -8,7 +8,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class EngineConfig:
-    data_dir: Path  # snapshots live in data_dir/sessions
+    data_dir: Path  # snapshots live in data_dir/sessions (unless store_url is set)
     secret: bytes  # HMAC-SHA256 key that signs every snapshot (on disk and exported)
     default_mode: str | None = None  # mode of new sessions and of session-less requests; None = engine.DEFAULT_MODE
     max_sessions: int = 1000  # resident + spilled
@@ -25,3 +25,7 @@ class EngineConfig:
     max_logprobs: int = 20  # alternatives per token that logprobs / top_logprobs may ask for
     max_idempotency_keys: int = 256  # remembered per session (oldest forgotten first)
     queue_retry_after: int = 2  # seconds, sent with queue_full
+    # None: sessions live in data_dir; "redis://host:port/db": in that Redis, shared with other replicas
+    store_url: str | None = None
+    lease_seconds: float = 10.0  # a replica's lease on a session it changes lasts this long unless renewed
+    lease_wait_seconds: float = 30.0  # a change waits this long for another replica's lease, then session_busy

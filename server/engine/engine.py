@@ -46,14 +46,16 @@ from server.engine.errors import (
     EngineError,
     EngineFailure,
     InvalidRequest,
+    LeaseLost,
     QueueFull,
+    SessionBusy,
     SessionNotFound,
     ShuttingDown,
 )
 from server.engine.executor import Executor
 from server.engine.jobs import ExportJob, ForkJob, GenerateJob, IngestJob, Job, JobContext
 from server.engine.scheduler import Scheduler
-from server.engine.store import Session, SessionInfo, SessionStore, new_session_id
+from server.engine.store import Session, SessionInfo, SessionStore, new_session_id, open_backend
 from server.engine.work import Work
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ class _Call:
     future: concurrent.futures.Future
 
 
+LEASE_POLL_SECONDS = 0.05  # how often a job waiting for another replica's lease on its session asks again
+
 # The mode of new sessions when the server is not told one: `sink`, with or without an adapter, until a FAM
 # adapter passes the depth test (docs/depth.md: never more than 1 point below sink). Untrained FAM collapses after
 # ~12 blocks (docs/untrained_fam.md); the bundled adapter, gated, stays 1-2 points below sink. A session asked for
@@ -75,7 +79,8 @@ DEFAULT_MODE = "sink"
 class Engine:
     def __init__(self, rt: FamRuntime, config: EngineConfig):
         self.rt, self.config = rt, config
-        self.store = SessionStore(rt, config.data_dir, config.secret, config.memory_budget_bytes)
+        backend = open_backend(config.data_dir, config.store_url, config.lease_seconds)
+        self.store = SessionStore(rt, backend, config.secret, config.memory_budget_bytes)
         self.chat = ChatFormat(rt.chat_text, rt.decode([rt.tokenizer.eos_token_id]))
         self.default_mode = config.default_mode or DEFAULT_MODE
         self._tokenizer_lock = threading.Lock()  # one tokenizer, used from the worker and helper threads
@@ -90,6 +95,7 @@ class Engine:
         self._cv = threading.Condition()
         self._inbox: deque[Job | _Call] = deque()  # from the event loop to the worker (under _cv)
         self._unfinished = 0  # submitted jobs not yet retired (under _cv)
+        self._awaiting_lease: dict[Job, float] = {}  # job -> when it gives up (worker thread only)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -157,7 +163,7 @@ class Engine:
         return s.info(self.rt.name)
 
     def get_session(self, owner: str, session_id: str) -> SessionInfo:
-        return self.session_info(self.store.get(session_id, owner))
+        return self.session_info(self.store.current(session_id, owner))
 
     def list_sessions(self, owner: str) -> list[SessionInfo]:
         return [self.session_info(s) for s in self.store.list(owner)]
@@ -267,11 +273,14 @@ class Engine:
             while True:
                 with self._cv:
                     while not (self._inbox or self.scheduler.has_work() or self._stopping):
-                        self._cv.wait()
+                        if not self._cv.wait(LEASE_POLL_SECONDS if self._awaiting_lease else None):
+                            break  # time to ask for the leases again
                     if self._stopping:
                         break
                     inbox = list(self._inbox)
                     self._inbox.clear()
+                for job in list(self._awaiting_lease):
+                    self._start(job)
                 for item in inbox:
                     self._accept(item)
                 self._step()
@@ -294,9 +303,11 @@ class Engine:
             self._start(item)
 
     def _start(self, job: Job) -> None:
-        """The job may touch its session now."""
+        """The job may touch its session now (a job that changes it first takes its lease)."""
         try:
             self._check(job)
+            if not self._leased(job):
+                return  # another replica holds the session: asked again every LEASE_POLL_SECONDS
             job.start(self.ctx)
         except Exception as e:
             self._fail(job, e)
@@ -308,11 +319,34 @@ class Engine:
             self._release(job)  # a reader holds its own copy of the state from here on
         self.scheduler.run(job)
 
+    def _leased(self, job: Job) -> bool:
+        """Whether the job may start: it reads, or it holds its session's lease now. Gives up (session_busy)
+        after `lease_wait_seconds`."""
+        s = job.session
+        if not job.mutating or s is None:
+            return True
+        if self.store.acquire(s):
+            self._awaiting_lease.pop(job, None)
+            return True
+        wait = self.config.lease_wait_seconds
+        give_up = self._awaiting_lease.setdefault(job, time.monotonic() + wait)
+        if time.monotonic() < give_up:
+            return False
+        del self._awaiting_lease[job]
+        raise SessionBusy(f"another server has been working on session {s.id} for more than {wait:g} s (it holds "
+                          "the session's lease); retry later", retry_after=max(1, round(self.config.lease_seconds)))
+
     def _check(self, job: Job) -> None:
         if job.cancelled:
             raise Cancelled("the request was cancelled")
-        if job.mutating and job.session is not None and job.session.deleted:
-            raise SessionNotFound(job.session.id)
+        s = job.session
+        if job.mutating and s is not None:
+            if s.deleted:
+                raise SessionNotFound(s.id)
+            if self.store.lease_lost(s):
+                raise LeaseLost(f"this server lost the lease of session {s.id} while working on it (another server "
+                                "took the session over, or this one was paused or cut off from the store); the "
+                                "session is as of its last commit. Retry the request")
 
     def _step(self) -> None:
         planned: list[tuple[Job, Work]] = []
@@ -354,6 +388,9 @@ class Engine:
 
     def _retire(self, job: Job) -> None:
         self.scheduler.remove(job)
+        self._awaiting_lease.pop(job, None)
+        if job.mutating and job.session is not None:
+            self.store.release(job.session)
         self._release(job)
         with self._cv:
             self._unfinished -= 1
@@ -377,3 +414,4 @@ class Engine:
                 log.error("could not save the session at shutdown: %s", e)
                 job.stop(self.ctx, gone, save=False)  # type: ignore[attr-defined]
             job.publish_end()  # type: ignore[attr-defined]
+        self.store.close()  # gives this server's leases back

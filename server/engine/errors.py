@@ -6,6 +6,7 @@ from __future__ import annotations
 
 class EngineError(Exception):
     code = "server_error"
+    retry_after: int | None = None  # seconds: the request may be repeated after that long (sent as Retry-After)
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
@@ -47,6 +48,44 @@ class QueueFull(EngineError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SessionBusy(EngineError):
+    """Another replica holds the session's lease (it is working on the session) for longer than this one waits."""
+
+    code = "session_busy"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, param="session_id")
+        self.retry_after = retry_after
+
+
+class LeaseLost(EngineError):
+    """This replica lost the session's lease while it worked (paused past the lease, or partitioned from the
+    store): what it had not committed is dropped, the session is as of its last commit. Retry the request."""
+
+    code = "lease_lost"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, param="session_id")
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(EngineError):
+    """The session store (Redis) cannot be reached."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 2):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreFull(EngineError):
+    """The session store refused a write because it is out of memory (Redis at maxmemory with noeviction):
+    nothing committed before is lost; free room (delete sessions) or give the store more memory."""
+
+    code = "store_full"
 
 
 class DocumentTooLarge(EngineError):
