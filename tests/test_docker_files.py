@@ -301,7 +301,7 @@ def test_nginx_streams_responses_and_uploads_with_long_timeouts() -> None:
         assert seconds(settings[timeout][0]) >= 3600, timeout
     assert settings["proxy_next_upstream"] == ["error", "timeout"], "no non_idempotent: a POST never runs twice"
     headers = {d.args[0].lower(): d.args[1] for d in location.find("proxy_set_header")}
-    assert headers["host"] == "$host" and headers["x-forwarded-proto"] == "$scheme"
+    assert headers["host"] == "$http_host" and headers["x-forwarded-proto"] == "$scheme"
     assert headers["x-forwarded-for"] == "$proxy_add_x_forwarded_for"
     assert headers["connection"] == "", "keepalive to the replicas"
 
