@@ -56,6 +56,7 @@ class Upstream(BaseHTTPRequestHandler):
     stream whose second event waits for the test to have read the first."""
 
     protocol_version = "HTTP/1.1"  # keepalive and chunked, as nginx talks to the replicas
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms wait on each reply
     name = ""
     release = threading.Event()
     finished = threading.Event()
@@ -106,7 +107,7 @@ def upstreams() -> Iterator[list[str]]:
         handler = type(f"Upstream_{name}", (Upstream,), {"name": name})
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
     yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
     Upstream.release.set()
