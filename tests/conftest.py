@@ -4,6 +4,8 @@
 for tests of everything above the model (engine, HTTP, clients) that need text in and text out, fast;
 `tiny_runtime` is it loaded once with a small block size (so block logic runs on short texts), and
 `live_server` runs the real app over it on a loopback port.
+`redis_server` / `redis_url` / `redis_factory` start a real redis-server per test and `nginx_proxy` the shipped
+docker/nginx.conf in front of given upstreams, on loopback (tests/services.py); they skip without the binaries.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import uvicorn
 
 from model import FamConfig, FamRuntime
+from tests.services import REDIS_SERVER, NginxProcess, RedisProcess, nginx_binary, start_nginx, start_redis
 
 torch.set_num_threads(2)
 
@@ -119,3 +122,55 @@ def live_server(tmp_path: Path, tiny_runtime: FamRuntime) -> Iterator[Callable[.
     for server, thread in servers:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def _need_redis() -> None:
+    if not Path(REDIS_SERVER).is_file():
+        pytest.skip(f"{REDIS_SERVER} is not installed (apt-get install redis-server)")
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
+    """redis_factory(**config) -> a new RedisProcess (see start_redis: `maxmemory="4mb"`, ...), each in its own
+    directory; all stopped after the test."""
+    _need_redis()
+    started: list[RedisProcess] = []
+
+    def start(**config: str | int) -> RedisProcess:
+        started.append(start_redis(tmp_path / f"redis-{len(started)}", **config))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisProcess]) -> RedisProcess:
+    """A fresh redis-server for this test (defaults: no persistence, noeviction); .url, .stop(), .kill()."""
+    return redis_factory()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """redis://127.0.0.1:PORT/0 of a fresh, empty redis-server for this test."""
+    return redis_server.url
+
+
+@pytest.fixture
+def nginx_proxy(tmp_path: Path) -> Iterator[Callable[[list[str]], NginxProcess]]:
+    """nginx_proxy(["http://127.0.0.1:PORT", ...]) -> NginxProcess (.base_url) running the shipped
+    docker/nginx.conf with those upstreams; stopped after the test."""
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    started: list[NginxProcess] = []
+
+    def start(upstreams: list[str]) -> NginxProcess:
+        hosts = [u.removeprefix("http://").rstrip("/") for u in upstreams]
+        assert all(h and "/" not in h for h in hosts), f"want base URLs like http://127.0.0.1:PORT: {upstreams}"
+        started.append(start_nginx(tmp_path / f"nginx-{len(started)}", hosts))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()

@@ -1,10 +1,12 @@
-"""The Docker files, checked without a Docker engine: what each Dockerfile runs and as whom, the compose file,
-and the build context. The end-to-end tests start `fam-server` with the CPU Dockerfile's CMD (see
-tests/e2e/conftest.py), so the container's command line is the one those tests run."""
+"""The Docker files, checked without a Docker engine: what each Dockerfile runs and as whom, the compose files
+(one server; replicas sharing Redis behind nginx, with the nginx config), and the build context. The end-to-end
+tests start `fam-server` with the CPU Dockerfile's CMD (see tests/e2e/conftest.py), so the container's command
+line is the one those tests run; tests/test_services.py runs the shipped nginx.conf."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -16,10 +18,12 @@ import pytest
 import yaml
 
 from server.__main__ import parse_settings
+from tests.services import Directive, parse_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 CPU, CUDA = DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"
+CLUSTER, NGINX = DOCKER / "compose.cluster.yaml", DOCKER / "nginx.conf"
 INVOCATION = ["fam-server", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]
 EXPECTED_CMD = {CPU: INVOCATION, CUDA: [*INVOCATION, "--device", "cuda"]}
 
@@ -167,3 +171,148 @@ def test_build_context_holds_the_packages_and_nothing_else() -> None:
     assert {"pyproject.toml", *packages} <= let_in
     assert not let_in & {"tests", "data", "runs", ".git", "docs"}
     assert (ROOT / "server" / "static" / "index.html").is_file(), "the web page ships inside the server package"
+
+
+# -- the cluster: docker/compose.cluster.yaml and docker/nginx.conf ----------------------------------------------
+
+REPLICAS = ("fam-1", "fam-2")
+SESSION = "sess_" + "0123456789abcdef01234567"
+
+
+def cluster() -> dict:
+    return yaml.safe_load(CLUSTER.read_text())["services"]
+
+
+def flags(command: list[str]) -> dict[str, str]:
+    """`--name value` pairs of a command line (every flag here takes a value)."""
+    pairs = [a for a in command if a.startswith("--")]
+    out = {a: command[command.index(a) + 1] for a in pairs}
+    assert len(out) == len(pairs), f"a flag is repeated: {command}"
+    return out
+
+
+def seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value).groups()  # nginx time units, seconds by default
+    return int(number) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def nginx_conf() -> Directive:
+    return parse_nginx(NGINX.read_text())
+
+
+def proxied_location(conf: Directive) -> tuple[Directive, Directive, Directive]:
+    """(server, location /, upstream) of the one server block, whose `location /` proxies to the one upstream."""
+    http = conf.one("http")
+    server, upstream = http.one("server"), http.one("upstream")
+    location = next(d for d in server.find("location") if d.args == ["/"])
+    assert location.one("proxy_pass").args == [f"http://{upstream.args[0]}"]
+    return server, location, upstream
+
+
+def test_cluster_redis_keeps_every_write_and_evicts_nothing() -> None:
+    redis = cluster()["redis"]
+    assert redis["image"].split(":") == ["redis", "7"]
+    assert redis["command"][0] == "redis-server"
+    options = flags(redis["command"])
+    assert options["--appendonly"] == "yes" and options["--appendfsync"] == "everysec"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert re.fullmatch(r"\$\{FAM_REDIS_MAXMEMORY:-\d+[kmg]b\}", options["--maxmemory"]), "a default sized for the host"
+    volume, _, target = redis["volumes"][0].partition(":")
+    assert target == "/data" and volume in yaml.safe_load(CLUSTER.read_text())["volumes"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "ports" not in redis
+
+
+def test_cluster_replicas_share_the_redis_store_and_the_secret() -> None:
+    services = cluster()
+    single = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["fam-server"]
+    assert set(services) == {"redis", *REPLICAS, "nginx"}
+    secrets = set()
+    for name in REPLICAS:
+        replica = services[name]
+        assert replica["build"] == single["build"] and replica["image"] == single["image"] == "fam-server:cpu"
+        command = replica["command"]
+        assert command[0] == "fam-server"
+        options = flags(command)
+        assert (options["--host"], options["--port"]) == ("0.0.0.0", "8000")
+        assert "--data-dir" not in options, "sessions live in Redis, not in a replica's data dir"
+        store = re.fullmatch(r"redis://([\w.-]+):(\d+)/(\d+)", options["--store"])
+        assert store and store.group(1) == "redis" and store.group(1) in services, options["--store"]
+        assert int(store.group(2)) == 6379 and "--port" not in services["redis"]["command"]
+        assert replica["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        env = replica["environment"]
+        assert re.fullmatch(r"\$\{FAM_SECRET:\?.+\}", env["FAM_SECRET"]), "required, never a default secret"
+        secrets.add(env["FAM_SECRET"])
+        assert {k: env[k] for k in single["environment"]} == single["environment"]  # FAM_API_KEYS, FAM_LOG_LEVEL
+        assert replica["healthcheck"] == single["healthcheck"]
+        assert "ports" not in replica and "volumes" not in replica, "only nginx is published"
+    assert len(secrets) == 1, "every replica signs snapshots with the same FAM_SECRET"
+
+
+def test_cluster_nginx_runs_the_checked_config_on_the_published_port() -> None:
+    nginx = cluster()["nginx"]
+    assert nginx["image"].split(":")[0] == "nginx"
+    source, target, mode = nginx["volumes"][0].split(":")
+    assert (DOCKER / source).resolve() == NGINX and (target, mode) == ("/etc/nginx/nginx.conf", "ro")
+    assert set(nginx["depends_on"]) == set(REPLICAS)
+    assert nginx["ports"] == ["${FAM_PORT:-8000}:8000"]
+    server, _, _ = proxied_location(nginx_conf())
+    assert server.one("listen").args == [nginx["ports"][0].rpartition(":")[2]]
+
+
+def test_nginx_balances_over_exactly_the_replicas_by_session() -> None:
+    conf, services = nginx_conf(), cluster()
+    assert not conf.find("user"), "a `user` directive only works when nginx starts as root"
+    _, _, upstream = proxied_location(conf)
+    ports = {name: flags(services[name]["command"])["--port"] for name in REPLICAS}
+    assert [d.args for d in upstream.find("server")] == [[f"{name}:{port}"] for name, port in ports.items()]
+    assert upstream.one("hash").args == ["$fam_session", "consistent"]
+    names = [d.name for d in upstream.block]
+    assert "keepalive" not in names or names.index("hash") < names.index("keepalive"), "nginx: method first"
+
+    (session_map,) = [d for d in conf.one("http").find("map") if d.args[1:] == ["$fam_session"]]
+    assert session_map.args[0] == "$uri"
+    entries = {d.name: d.args for d in session_map.block}
+    assert entries.pop("default") == ["$request_id"], "requests without a session spread over the replicas"
+    ((pattern, (value,)),) = entries.items()
+    assert pattern.startswith("~") and not pattern.startswith("~*")
+    regex = re.compile(pattern[1:].replace("(?<", "(?P<"))  # PCRE's named groups in Python's spelling
+    group = value.removeprefix("$")
+
+    def session_of(path: str) -> str | None:
+        match = regex.search(path)
+        return match and match.group(group)
+
+    for path in (f"/v1/sessions/{SESSION}", f"/v1/sessions/{SESSION}/ingest", f"/v1/sessions/{SESSION}/state"):
+        assert session_of(path) == SESSION, path
+    for path in ("/v1/sessions", "/v1/sessions/", "/v1/sessions/import", "/v1/chat/completions", "/health",
+                 f"/static/v1/sessions/{SESSION}", f"/v1/sessions/{SESSION}x"):
+        assert session_of(path) is None, path
+
+
+def test_nginx_streams_responses_and_uploads_with_long_timeouts() -> None:
+    server, location, _ = proxied_location(nginx_conf())
+    settings = {d.name: d.args for d in location.block if d.name != "proxy_set_header"}
+    assert settings["proxy_http_version"] == ["1.1"]
+    assert settings["proxy_buffering"] == ["off"], "SSE events reach the client as they are written"
+    assert settings["proxy_request_buffering"] == ["off"], "uploads stream to the replica"
+    assert server.one("client_max_body_size").args == ["64m"], "the server's FAM_MAX_BODY_BYTES default"
+    for timeout in ("proxy_read_timeout", "proxy_send_timeout"):
+        assert seconds(settings[timeout][0]) >= 3600, timeout
+    assert settings["proxy_next_upstream"] == ["error", "timeout"], "no non_idempotent: a POST never runs twice"
+    headers = {d.args[0].lower(): d.args[1] for d in location.find("proxy_set_header")}
+    assert headers["host"] == "$http_host" and headers["x-forwarded-proto"] == "$scheme"
+    assert headers["x-forwarded-for"] == "$proxy_add_x_forwarded_for"
+    assert headers["connection"] == "", "keepalive to the replicas"
+
+
+def test_nginx_config_reader() -> None:
+    conf = parse_nginx(r'''a 1 '2 3';  # comment ; {
+        b "x\"y" ${c}d { e; f {} }
+        g x#y;''')
+    assert [(d.name, d.args) for d in conf.block] == [("a", ["1", "2 3"]), ("b", ['x"y', "${c}d"]), ("g", ["x#y"])]
+    assert [d.name for d in conf.one("b").block] == ["e", "f"] and conf.one("b").one("f").block == []
+    assert conf.one("b").raw == [r'"x\"y"', "${c}d"]
+    for broken in ("a", "a {", "a }", "}", "a 'b;", "{ a; }"):
+        with pytest.raises(ValueError):
+            parse_nginx(broken)
