@@ -12,13 +12,13 @@ Keys, per session (the `{id}` hash tag keeps a session's keys in one slot):
 A commit writes the new snapshot under a fresh key first (with an expiry, so a replica that dies in between leaves
 no garbage), then one Lua script checks that the committer's lease is the session's current one (same replica,
 same epoch) and that the head is still the version the change started from, and moves the head to the new key,
-deleting the old snapshot. A reader loads head and snapshot in one
-script, so it never sees a half-written state, and a replica that lost its lease (paused past it, partitioned)
+deleting the old snapshot. A snapshot key is never rewritten, so a reader that reads the head and then the
+snapshot it names never sees a half-written state, and a replica that lost its lease (paused past it, partitioned)
 cannot overwrite a state committed after it.
 
-Redis must keep every session: the server refuses to start on a Redis whose `maxmemory-policy` evicts keys, and a
-write refused for memory (noeviction at maxmemory) is a `StoreFull` error for that request, with every committed
-session intact. Not for Redis Cluster: the owner and session sets are single keys.
+Redis must keep every session: over a Redis whose `maxmemory-policy` evicts keys the engine does not start
+(`/health` says why), and a write refused for memory (noeviction at maxmemory) is a `StoreFull` error for that
+request, with every committed session intact. Not for Redis Cluster: the owner and session sets are single keys.
 """
 
 from __future__ import annotations
@@ -94,13 +94,6 @@ if old and old ~= KEYS[3] then redis.call('DEL', old) end
 return version
 """
 
-# KEYS: head   -> {record, version, snapshot} or nil
-_LOAD = """
-local h = redis.call('HMGET', KEYS[1], 'rec', 'version', 'blob')
-if not h[1] then return nil end
-return {h[1], h[2], redis.call('GET', h[3])}
-"""
-
 # KEYS: head, lease, owner set, all set   ARGV: id
 _DELETE = """
 local blob = redis.call('HGET', KEYS[1], 'blob')
@@ -151,8 +144,8 @@ class RedisBackend:
         self.description = f"Redis at {self.client.connection_pool.connection_kwargs.get('host', url)}"
         self.replica = uuid.uuid4().hex[:16]  # this process: lease tokens name it
         self.lease_ms = max(1, int(lease_seconds * 1000))
-        self._create, self._acquire, self._renew, self._release, self._commit, self._load, self._delete = (
-            self.client.register_script(s) for s in (_CREATE, _ACQUIRE, _RENEW, _RELEASE, _COMMIT, _LOAD, _DELETE))
+        self._create, self._acquire, self._renew, self._release, self._commit, self._delete = (
+            self.client.register_script(s) for s in (_CREATE, _ACQUIRE, _RENEW, _RELEASE, _COMMIT, _DELETE))
         with _errors("the start-up check"):
             self.client.ping()
             if check_config:
@@ -199,12 +192,17 @@ class RedisBackend:
             return int(self.client.scard(ALL_KEY))
 
     def load(self, session_id: str) -> tuple[Head, bytes]:
+        """The head, then the snapshot it names. A snapshot key is written once and never changed, so the pair is
+        consistent; if a commit deleted that snapshot in between, the head is read again. (Not one Lua script:
+        copying the snapshot through Lua makes a load several times slower.)"""
         with _errors("loading the session"):
-            row = self._load(keys=[_key(session_id, "head")])
-        if row is None or row[2] is None:
-            raise SessionNotFound(session_id)
-        rec, version, blob = row
-        return Head(json.loads(rec), int(version)), blob
+            while True:
+                rec, version, key = self.client.hmget(_key(session_id, "head"), "rec", "version", "blob")
+                if rec is None:
+                    raise SessionNotFound(session_id)
+                blob = self.client.get(key)
+                if blob is not None:
+                    return Head(json.loads(rec), int(version)), blob
 
     # ---------------------------------------------------------------------------------------------- writes
 
