@@ -155,10 +155,10 @@ def bench_load(url: str, workdir: Path) -> list[tuple[str, int, dict, dict]]:
 # ------------------------------------------------------------------------------------------------- replicas
 
 
-def start_server(url: str, threads: int, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(url: str, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--store", url,
-           "--data-dir", str(workdir / f"data-{port}"), "--dtype", args.dtype]
+           "--dtype", args.dtype]
     env = {**os.environ, "FAM_LOG_LEVEL": "warning", "FAM_SECRET": SECRET.decode(), "OMP_NUM_THREADS": str(threads)}
     env.pop("FAM_API_KEYS", None)
     proc = subprocess.Popen(cmd, env=env)
@@ -204,11 +204,11 @@ def ingest_all(bases: list[str]) -> tuple[float, int]:
     return sum(tokens) / wall, sum(tokens)
 
 
-def bench_replicas(url: str, workdir: Path) -> list[tuple[str, float, int]]:
+def bench_replicas(url: str) -> list[tuple[str, float, int]]:
     cpus = os.cpu_count() or 1
     rows = []
     for n in (1, 2):
-        servers = [start_server(url, max(1, cpus // n), workdir) for _ in range(n)]
+        servers = [start_server(url, max(1, cpus // n)) for _ in range(n)]
         try:
             ingest_all([b for _, b in servers])  # warm-up: allocator pools, workspaces
             rate, total = ingest_all([b for _, b in servers])
@@ -226,7 +226,7 @@ def main() -> None:
     proc, url = start_redis(workdir)
     try:
         load_rows = bench_load(url, workdir)
-        replica_rows = bench_replicas(url, workdir) if args.replicas else []
+        replica_rows = bench_replicas(url) if args.replicas else []
     finally:
         proc.terminate()
         proc.wait(timeout=30)

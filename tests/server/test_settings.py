@@ -54,3 +54,18 @@ def test_every_setting_is_described():
 def test_reading_settings_touches_no_file(tmp_path):
     Settings(data_dir=tmp_path / "data").engine_config(b"k")
     assert not (tmp_path / "data").exists()
+
+
+def test_a_redis_store_needs_the_shared_secret(monkeypatch, capsys):
+    monkeypatch.delenv("FAM_SECRET", raising=False)
+    with pytest.raises(SystemExit):
+        parse_settings(["--store", "redis://127.0.0.1:6379/0"])
+    assert "FAM_SECRET" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--store", "memcached://x"])
+    assert "Redis URL" in capsys.readouterr().err
+    monkeypatch.setenv("FAM_SECRET", "shared")
+    s = parse_settings(["--store", "redis://127.0.0.1:6379/0"])
+    cfg = s.engine_config(b"shared")
+    assert (cfg.store_url, cfg.lease_seconds, cfg.lease_wait_seconds) == ("redis://127.0.0.1:6379/0", 10.0, 30.0)
+    assert Settings(store="").store is None  # an empty FAM_STORE is the data directory
