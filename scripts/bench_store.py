@@ -17,7 +17,7 @@ all CPUs), then one client per server into two servers (threads split between th
 tokens/s of each.
 
     python scripts/bench_store.py --repeats 20
-    python scripts/bench_store.py --replicas --ingest-tokens 2048
+    python scripts/bench_store.py --replicas --ingest-tokens 2048 --out docs/bench_store.md
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ def bench_replicas(url: str) -> list[tuple[str, float, int]]:
 
 
 def main() -> None:
+    load_at_start = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="fam-bench-store-"))
     proc, url = start_redis(workdir)
     try:
@@ -231,25 +232,37 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(workdir, ignore_errors=True)
-    load = os.getloadavg()[0]
-    print(f"\nBenchmark of {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs, load average {load:.1f}; dtype "
+    lines = report(load_rows, replica_rows, load_at_start)
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+def report(load_rows, replica_rows, load: float) -> list[str]:
+    out = []
+    add = out.append
+    add(f"Benchmark of {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs, load average at start {load:.1f}; dtype "
           f"{args.dtype}; command: `python scripts/bench_store.py {' '.join(sys.argv[1:])}`; median of "
-          f"{args.repeats}.\n")
-    print("| mode | snapshot | load, local disk | load, local page cache | load, Redis | Redis / disk "
+          f"{args.repeats}.")
+    add("")
+    add("| mode | snapshot | load, local disk | load, local page cache | load, Redis | Redis / disk "
           "| Redis / page cache | transfer, Redis | commit, local | commit, Redis |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, _, lo, re in load_rows:
-        print(f"| {mode} | {lo['snapshot_bytes'] / 2**20:.1f} MiB | {lo['load_disk_ms']:.1f} ms "
+        add(f"| {mode} | {lo['snapshot_bytes'] / 2**20:.1f} MiB | {lo['load_disk_ms']:.1f} ms "
               f"| {lo['load_ms']:.1f} ms | {re['load_ms']:.1f} ms | {re['load_ms'] / lo['load_disk_ms']:.2f}x "
               f"| {re['load_ms'] / lo['load_ms']:.2f}x | {re['transfer_ms']:.1f} ms | {lo['commit_ms']:.1f} ms "
               f"| {re['commit_ms']:.1f} ms |")
     if replica_rows:
-        print(f"\nIngest through fam-server over one Redis: 2 clients x {args.ingest_tokens} tokens, each into its "
-              "own session\n")
-        print("| servers | aggregate ingest tok/s | vs 1 server | tokens |")
-        print("|---|---:|---:|---:|")
+        add("")
+        add(f"Ingest through fam-server over one Redis: 2 clients x {args.ingest_tokens} tokens, each into its "
+              "own session")
+        add("")
+        add("| servers | aggregate ingest tok/s | vs 1 server | tokens |")
+        add("|---|---:|---:|---:|")
         for name, rate, total in replica_rows:
-            print(f"| {name} | {rate:.0f} | {rate / replica_rows[0][1]:.2f}x | {total} |")
+            add(f"| {name} | {rate:.0f} | {rate / replica_rows[0][1]:.2f}x | {total} |")
+    return out
 
 
 if __name__ == "__main__":
@@ -259,5 +272,6 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--replicas", action="store_true", help="also measure ingest through 1 vs 2 servers")
     p.add_argument("--ingest-tokens", type=int, default=2048, help="tokens per client in --replicas")
+    p.add_argument("--out", type=Path, help="also write the report (markdown) there")
     args = p.parse_args()
     main()
