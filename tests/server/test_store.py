@@ -260,3 +260,16 @@ def test_a_full_redis_refuses_clearly_and_keeps_what_it_has(redis_factory, tiny_
         new_session(a)
     finally:
         stores.close()
+
+
+def test_a_redis_that_evicts_or_is_unreachable_is_refused(redis_factory, caplog):
+    from server.engine.errors import StoreUnavailable
+
+    with pytest.raises(RuntimeError, match="noeviction"):
+        RedisBackend(redis_factory(**{"maxmemory-policy": "allkeys-lru"}).url, 1.0)
+    RedisBackend(redis_factory().url, 1.0).close()  # noeviction: fine, but no persistence is worth a warning
+    assert "no persistence" in caplog.text
+    gone = redis_factory()
+    gone.stop()
+    with pytest.raises(StoreUnavailable, match="cannot be reached"):
+        RedisBackend(gone.url, 1.0)
