@@ -39,11 +39,14 @@ class SamplingParams:
 
 
 def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits [V] -> one token id. Sampling runs on the CPU, where the seeded generator lives."""
-    logits = logits.float().cpu()
+    """logits [V] -> one token id. Sampling runs on the CPU, where the seeded generator lives, in float64: a
+    temperature such as 1e-300 is 0 in float32."""
+    logits = logits.double().cpu()
     if p.temperature == 0:
         return int(logits.argmax())
-    logits = logits / p.temperature
+    # relative to the largest logit, so that a vanishing temperature sends the others to -inf (greedy) instead of
+    # overflowing every logit to inf and the softmax to NaN
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -22,9 +22,6 @@ from server.engine import GenerationResult, SessionInfo, TokenLogprob
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512
-# Below this a temperature is sampled greedily: logits / 1e-300 overflow to inf and the softmax to NaN (a 500
-# before this), and at 1e-6 any two logits that differ by more than float noise (1e-4) are already e^100 apart.
-GREEDY_BELOW_TEMPERATURE = 1e-6
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: up to 5 for completions, 20 for chat)
 
@@ -33,10 +30,6 @@ def _refuse_unless_neutral(value: Any, info: ValidationInfo) -> Any:
     if value:
         raise ValueError(f"{info.field_name} is not supported by this server")
     return value
-
-
-def _greedy_if_tiny(temperature: float) -> float:
-    return 0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature
 
 
 class _Body(BaseModel):
@@ -163,7 +156,7 @@ class _Generation(_Body):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else _greedy_if_tiny(self.temperature),
+            temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=self.seed,

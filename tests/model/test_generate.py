@@ -41,6 +41,8 @@ def test_sampling_rules():
     g = torch.Generator().manual_seed(0)
     assert {sample(logits, SamplingParams(temperature=5, top_k=2), g) for _ in range(200)} == {2, 3}
     assert {sample(logits, SamplingParams(temperature=1, top_p=0.5), g) for _ in range(50)} == {2}
+    for tiny in (1e-300, 5e-324, 1e-7):  # logits / t would overflow to inf and the softmax to NaN: greedy instead
+        assert {sample(logits * 1e3, SamplingParams(temperature=tiny), g) for _ in range(20)} == {2}
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
 

@@ -24,7 +24,7 @@ def sid(client) -> str:
 
 
 def test_a_vanishing_temperature_is_greedy_not_a_500(client):
-    """logits / 1e-300 overflow to inf (found by schemathesis): such temperatures sample greedily."""
+    """logits / 1e-300 overflowed to inf (found by schemathesis): such temperatures sample greedily."""
     greedy = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
     for t in (1e-300, 5e-324, 1e-7):
         r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": t, "seed": 1})
