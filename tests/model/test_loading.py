@@ -86,3 +86,31 @@ def test_fingerprint_does_not_depend_on_dtype(tiny_chat_dir):
     from model.loader import fingerprint
 
     assert fingerprint(rt.module) != fp32
+
+
+def test_adapter_lora_is_merged_into_the_weights(tiny_chat_dir, tmp_path):
+    """The loaded adapter's model computes what the base model with the LoRA side paths x·(alpha/r)·AᵀBᵀ added to
+    its projections computes (float32), and the prompt is the adapter's."""
+    base = FamRuntime.load(tiny_chat_dir, dtype="float32")
+    torch.manual_seed(0)
+    names = ["layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"]
+    modules = dict(base.module.named_modules())
+    lora = {n: (torch.randn(2, modules[n].in_features) * 0.1, torch.randn(modules[n].out_features, 2) * 0.1)
+            for n in names}
+    prompt = torch.randn_like(base.module.fam_prompt)
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, prompt, lora, {"base_model": base.name, "base_model_fingerprint": base.model_fingerprint,
+                                      "fam_config": base.fam_config.__dict__, "lora": {"r": 2, "alpha": 4}})
+    adapted = FamRuntime.load(tiny_chat_dir, dtype="float32", adapter=path)
+    for n, (a, b) in lora.items():  # the reference: side paths on the base model
+        modules[n].register_forward_hook(lambda m, args, out, a=a, b=b: out + 2.0 * (args[0] @ a.t()) @ b.t())
+    with torch.no_grad():
+        base.module.fam_prompt.copy_(prompt)
+    base.module.invalidate_cache()
+    ids = base.encode(" the keeper wrote about storms and ships and harbour lights " * 6)
+    with torch.inference_mode():
+        want = base.ingest(base.new_state(mode="fam"), ids)
+        got = adapted.ingest(adapted.new_state(mode="fam"), ids)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0].fam, want[0].fam, rtol=1e-4, atol=1e-4)
+    assert adapted.model_fingerprint == base.model_fingerprint  # the base model it was checked against
