@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,15 +31,11 @@ from pathlib import Path
 
 import httpx
 
+from server import child
+
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 WORDS = ("river stone market window evening garden letter winter harbour candle mountain teacher story "
          "village morning silver bridge orchard lantern meadow").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -60,31 +54,13 @@ def document(base: str, n_tokens: int, seed: int) -> str:
 
 
 def start_server(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--data-dir", data_dir,
-           "--dtype", args.dtype, "--device", args.device]
+    flags = ["--data-dir", data_dir, "--dtype", args.dtype, "--device", args.device]
     if args.model:
-        cmd += ["--model", args.model]
+        flags += ["--model", args.model]
     if args.mode:
-        cmd += ["--mode", args.mode]
-    env = {**os.environ, "FAM_LOG_LEVEL": "warning", "FAM_MAX_QUEUE": "256"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    env.pop("FAM_API_KEYS", None)
-    proc = subprocess.Popen(cmd, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("fam-server exited during startup")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("fam-server did not become ready")
+        flags += ["--mode", args.mode]
+    env = {"FAM_MAX_QUEUE": "256", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    return child.start(flags, env)
 
 
 def ttft(base: str, max_tokens: int) -> float:
@@ -146,8 +122,7 @@ def run_round(args: argparse.Namespace, n: int) -> dict[str, float]:
                     "state_bytes": statistics.mean(r["state_bytes"] for r in results),
                     "rss_per_session": (rss_after - rss_before) / n}
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            child.stop(proc)
 
 
 def stream_chat(base: str, sid: str, max_tokens: int) -> tuple[float, float, int]:
@@ -192,8 +167,7 @@ def run_streams(args: argparse.Namespace) -> None:
                 tokens = sum(r[2] for r in results)
                 rows.append((k, tokens / wall, statistics.median(r[0] for r in results), wall, tokens))
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            child.stop(proc)
     print(f"\nstreaming chats of {args.stream_tokens} tokens on sessions holding ~{args.stream_doc_tokens} tokens, "
           f"dtype {args.dtype}, {args.threads or os.cpu_count()} threads\n")
     print("| concurrent streams | aggregate tok/s | vs 1 stream | TTFT p50 s | wall s | tokens |")

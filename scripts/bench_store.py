@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,18 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import FamRuntime  # noqa: E402
+from server import child  # noqa: E402
+from server.child import free_port  # noqa: E402
 from server.engine.redis_store import RedisBackend  # noqa: E402
 from server.engine.store import LocalBackend, Session, SessionStore, new_session_id  # noqa: E402
 
 SECRET = b"bench-store"
 WORDS = ("river stone market window evening garden letter winter harbour candle mountain teacher story "
          "village morning silver bridge orchard lantern meadow").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -156,25 +151,8 @@ def bench_load(url: str, workdir: Path) -> list[tuple[str, int, dict, dict]]:
 
 
 def start_server(url: str, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--store", url,
-           "--dtype", args.dtype]
-    env = {**os.environ, "FAM_LOG_LEVEL": "warning", "FAM_SECRET": SECRET.decode(), "OMP_NUM_THREADS": str(threads)}
-    env.pop("FAM_API_KEYS", None)
-    proc = subprocess.Popen(cmd, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("fam-server exited during startup")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("fam-server did not become ready")
+    return child.start(["--store", url, "--dtype", args.dtype],
+                       {"FAM_SECRET": SECRET.decode(), "OMP_NUM_THREADS": str(threads)})
 
 
 def document(n_tokens: int, seed: int) -> str:
@@ -214,9 +192,7 @@ def bench_replicas(url: str) -> list[tuple[str, float, int]]:
             rate, total = ingest_all([b for _, b in servers])
         finally:
             for proc, _ in servers:
-                proc.terminate()
-            for proc, _ in servers:
-                proc.wait(timeout=60)
+                child.stop(proc)
         rows.append((f"{n} server{'s' if n > 1 else ''}, {max(1, cpus // n)} thread(s) each", rate, total))
     return rows
 

@@ -14,9 +14,6 @@ see them.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from model.loader import load_tokenizer, resolve_source
+from server import child
 from training.depth import text_tokens
 
 NOTE = ("Notes from the harbour office. The keeper's cat is named Saffron. The vault code is 4719. Marta's boat is "
@@ -31,33 +29,6 @@ NOTE = ("Notes from the harbour office. The keeper's cat is named Saffron. The v
 QUESTIONS = [("What is the keeper's cat named?", "saffron"), ("What is the vault code?", "4719"),
              ("What colour is Marta's boat painted?", "teal"), ("What is the archive password?", "heron"),
              ("When does the ferry leave?", "seven")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "FAM_LOG_LEVEL": "warning", "OMP_NUM_THREADS": str(threads)}
-    env.pop("FAM_API_KEYS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--data-dir", str(data_dir)],
-                            env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("fam-server exited during startup")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("fam-server did not become ready")
 
 
 def trial(base: str, mode: str, filler: str) -> tuple[int, list[str]]:
@@ -89,7 +60,7 @@ def main() -> None:
     tokenizer = load_tokenizer(folder)
     stream = text_tokens(tokenizer)
     fillers = {n: tokenizer.decode(stream[:n]) if n else "" for n in args.filler}
-    proc, base = start_server(args.data_dir, args.threads)
+    proc, base = child.start(["--data-dir", str(args.data_dir)], {"OMP_NUM_THREADS": str(args.threads)})
     rows = []
     try:
         for n in args.filler:
@@ -100,8 +71,7 @@ def main() -> None:
                 rows.append((n, mode, tokens, right, answers))
                 print(f"filler {n}, {mode}: {sum(right)}/{len(right)} in {time.monotonic() - t0:.0f} s", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        child.stop(proc)
     lines = [f"Chat recall through fam-server, {time.strftime('%Y-%m-%d')}; command: `python -m training.chat_recall "
              f"{' '.join(sys.argv[1:])}`. Default model, bundled adapter, bf16, default settings; greedy answers of "
              "at most 24 tokens, not committed.", "", f"Note ingested first: \"{NOTE}\"", "",
