@@ -4,7 +4,7 @@ At load each LoRA delta is merged into its projection's weight (W <- W + alpha/r
 to the weights' dtype), so the adapter costs nothing per token. Merged into bf16 weights a small delta loses much
 of its own precision (68% relative error of the delta on the step-113 adapter), but the rounding errors do not add
 up: the merged model's next-token distribution is as close to the float32 model with exact side paths as bf16 side
-paths were (docs/lora_merge.md, `scripts/check_lora_merge.py`). An adapter records the fingerprint of the base
+paths were (docs/lora_merge.md, `python -m training.lora_merge`). An adapter records the fingerprint of the base
 model it was trained on and refuses any other base.
 """
 

@@ -8,7 +8,7 @@ server does), per mode, the mean KL(reference || model) of the next-token distri
   - bf16 merged (as the server loads it now);
 and the share of positions whose greedy token equals the reference's.
 
-    python scripts/check_lora_merge.py --out docs/lora_merge.md
+    python -m training.lora_merge --out docs/lora_merge.md
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from model import FamRuntime
 
-from model import FamRuntime  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def side_paths(rt: FamRuntime, adapter) -> None:
@@ -69,7 +68,7 @@ def main() -> None:
     merged = FamRuntime.load(None, adapter="auto", dtype="bfloat16")
     adapter = merged.adapter
     ids = merged.encode((ROOT / "README.md").read_text())[:args.tokens]
-    lines = [f"LoRA merge check of {time.strftime('%Y-%m-%d')}; command: `python scripts/check_lora_merge.py "
+    lines = [f"LoRA merge check of {time.strftime('%Y-%m-%d')}; command: `python -m training.lora_merge "
              f"{' '.join(sys.argv[1:])}`; {len(ids)} tokens of README.md; reference: float32 base + the adapter's "
              "prompt + its LoRA as side paths.", "",
              "| mode | KL, no LoRA (the LoRA's effect) | KL, bf16 side paths | KL, bf16 merged | greedy = reference, "
