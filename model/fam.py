@@ -17,7 +17,6 @@ bswa is fam with F = 0; sink keeps the first tokens and re-bases positions into 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import torch
@@ -228,120 +227,81 @@ class FamLM(nn.Module):
         `grad_from` (training): layers below it run without autograd, for when nothing below is trained. The
         feedback rows' keys/values that those layers read stay as given (they are made in `with_fam`), but no
         gradient flows back through those layers' token rows."""
-        cfg = state.cfg
-        b, T = tokens.shape
-        S, B = state.n_cached, cfg.block_size
-        assert b == state.batch_size, f"tokens batch {b} != state batch {state.batch_size}"
-        assert 0 < T <= B - state.n_block, f"chunk of {T} tokens does not fit the block ({state.n_block}/{B} used)"
-        if not cfg.evicts and S + T > self.arch.max_position_embeddings:
-            raise ValueError(
-                f"full mode is limited to the model's context of {self.arch.max_position_embeddings} tokens"
-            )
-        completes = state.n_block + T == B
-        nf = cfg.F
-        fam_rows = nf if completes else 0  # feedback rows join the queries when this chunk completes the block
-        dev = tokens.device
-
-        # Query positions: the feedback rows take the F positions before the block; new token t sits at slot S + t.
-        new_pos = state.base[:, None] + S + torch.arange(T, device=dev)
-        fam_pos = state.base[:, None] + state.block_start - fam_rows + torch.arange(fam_rows, device=dev)
-        dt = self.embed_tokens.weight.dtype
-        cos, sin = self.rope.cos_sin(torch.cat((fam_pos, new_pos), 1), dt)
-        mask = _mask(nf, S, T, state.block_start, fam_rows, dev)
-
-        h = self.embed_tokens(tokens)  # [b, T, d]
-        # the first update of a fresh state may use a zero residual (FamConfig.zero_first_residual)
-        keep = (~(state.fam_fresh & cfg.zero_first_residual)).to(dt)[:, None, None]
-        new_k, new_v, new_fam = [], [], []
-        tok_cos, tok_sin = cos[:, :, fam_rows:], sin[:, :, fam_rows:]
-        tok_mask = None if mask is None else mask[fam_rows:]
-        grad = torch.is_grad_enabled()
-        fam0 = self.initial_fam() if cfg.fam_gate != 1.0 and fam_rows else None  # [L, F, d], once per call
-        for li, layer in enumerate(self.layers):
-            fam_in = state.fam[:, li]  # outside the no-grad layers: their state passes on with its graph
-            with torch.set_grad_enabled(grad and li >= grad_from):
-                attn = layer.self_attn
-                r = fam_rows if li >= cfg.fam_update_from else 0  # layers below fam_update_from keep their state
-                x = torch.cat((fam_in, h), 1) if r else h  # one projection over [F_prev ; X]
-                xn = layer.input_layernorm(x)
-                q = Rope.apply(attn.q(xn), *((cos, sin) if r else (tok_cos, tok_sin)))
-                k, v = attn.kv(xn[:, r:])  # the feedback rows' own keys are already in the state
-                keys = torch.cat((state.k[li], Rope.apply(k, tok_cos, tok_sin)), 2)
-                vals = torch.cat((state.v[li], v), 2)
-                resid = torch.cat((fam_in * keep, h), 1) if r else h
-                y = layer.finish(resid, attn.attend(q, keys, vals, mask if r else tok_mask))
-                new_fam.append(self._gated(cfg, fam0, li, y[:, :r]) if r else fam_in)
-                h = y[:, r:]
-                new_k.append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
-                new_v.append(vals)
-        h = self.norm(h)
-
-        new = replace(state, k=tuple(new_k), v=tuple(new_v), n_tokens=state.n_tokens + T, n_block=state.n_block + T)
-        if completes:
-            new = self._complete_block(new, torch.stack(new_fam, 1) if fam_rows else None)
+        ((new, h),) = self.forward_many([state], [tokens], grad_from)
         return new, h
 
-    def forward_many(self, states: list[FamState], tokens: list[Tensor]) -> list[tuple[FamState, Tensor]]:
+    def forward_many(self, states: list[FamState], tokens: list[Tensor], grad_from: int = 0
+                     ) -> list[tuple[FamState, Tensor]]:
         """Several documents in one pass, each with its own cache layout, mode and chunk: the engine's batch across
-        sessions. Document i is a state of batch 1 and tokens [T_i] inside its current block. The dense work
-        (norms, projections, MLP, for block rows and feedback rows alike) runs over the rows of all documents at
-        once, as one [1, sum R_i, d] batch; attention runs per document over its own cache and mask. Returns, per
-        document, what `forward_chunk` returns for it: the new state and the final-normed hidden states [1, T_i, d].
+        sessions, and (one document) `forward_chunk`. Document i is a state of batch b_i (rows of one layout) and
+        tokens [b_i, T_i] ([T_i] when b_i = 1) inside its current block. The dense work (norms, projections, MLP,
+        for block rows and feedback rows alike) runs over the rows of all documents at once, as one
+        [1, sum b_i R_i, d] batch; attention runs per document over its own cache and mask. Returns, per document,
+        the new state and the final-normed hidden states [b_i, T_i, d]. `grad_from`: as in `forward_chunk`.
         """
         assert len(states) == len(tokens) and states, "one chunk of tokens per state"
-        dt, dev = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        tokens = [t if t.dim() == 2 else t[None] for t in tokens]
+        dt = self.embed_tokens.weight.dtype
         docs = [_Doc.plan(self, s, t) for s, t in zip(states, tokens, strict=True)]
         gated = any(s.cfg.fam_gate != 1.0 and d.fam_rows for s, d in zip(states, docs, strict=True))
-        fam0 = self.initial_fam() if gated else None  # [L, F, d]
-        for d, start in zip(docs, itertools.accumulate((d.fam_rows + d.T for d in docs[:-1]), initial=0), strict=True):
-            d.start = start  # where the document's rows begin in `pos`
-        # RoPE tables of the flattened rows: layers that update the feedback state see the feedback rows of the
-        # documents whose block completes; the layers below (fam_update_from) see only tokens.
-        cos_all, sin_all = self.rope.cos_sin(torch.cat([d.pos for d in docs])[None], dt)
-        upper = torch.cat([torch.arange(d.start, d.start + d.fam_rows + d.T, device=dev) for d in docs])
-        lower = torch.cat([torch.arange(d.start + d.fam_rows, d.start + d.fam_rows + d.T, device=dev) for d in docs])
-        tables = {True: (cos_all[:, :, upper], sin_all[:, :, upper]),
-                  False: (cos_all[:, :, lower], sin_all[:, :, lower])}
-        hs = list(self.embed_tokens(torch.cat(tokens)[None]).split([d.T for d in docs], 1))  # [1, T_i, d] each
+        fam0 = self.initial_fam() if gated else None  # [L, F, d], once per call
+        # RoPE tables of the flattened rows (document by document, row by row): in the layers that update the
+        # feedback state a completing document's rows are [feedback rows ; tokens]; below them only tokens.
+        cos_all, sin_all = self.rope.cos_sin(torch.cat([d.pos.reshape(-1) for d in docs])[None], dt)
+        start = 0
+        for d in docs:
+            d.index(start)
+            start += d.pos.numel()
+        tables: dict[tuple[bool, ...], tuple[Tensor, Tensor]] = {}
+        hs = [self.embed_tokens(t) for t in tokens]  # [b_i, T_i, d] each
         new_k: list[list[Tensor]] = [[] for _ in docs]
         new_v: list[list[Tensor]] = [[] for _ in docs]
         new_fam: list[list[Tensor]] = [[] for _ in docs]
+        grad = torch.is_grad_enabled()
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            up = li >= self.fam_cfg.fam_update_from
-            rows = [d.fam_rows if up else 0 for d in docs]  # feedback rows of each document in this layer
-            fam_in = [s.fam[:, li] for s in states]
-            x = torch.cat([torch.cat((f, h), 1) if r else h for f, h, r in zip(fam_in, hs, rows, strict=True)], 1)
-            xn = layer.input_layernorm(x)  # [1, R, d]
-            cos, sin = tables[up]
-            q = Rope.apply(attn.q(xn), cos, sin)
-            k, v = attn.kv(xn)  # the feedback rows' keys are computed and dropped: their keys are in the state
-            k = Rope.apply(k, cos, sin)
-            outs, at = [], 0
-            for i, (d, s, r) in enumerate(zip(docs, states, rows, strict=True)):
-                n = r + d.T
-                keys = torch.cat((s.k[li], k[:, :, at + r:at + n]), 2)
-                vals = torch.cat((s.v[li], v[:, :, at + r:at + n]), 2)
-                mask = d.mask if r else d.tok_mask
-                outs.append(attn.heads(q[:, :, at:at + n], keys, vals, mask))
-                new_k[i].append(keys)
-                new_v[i].append(vals)
-                at += n
-            resid = torch.cat([torch.cat((f * d.keep, h), 1) if r else h
-                               for f, h, r, d in zip(fam_in, hs, rows, docs, strict=True)], 1)
-            y = layer.finish(resid, attn.out(torch.cat(outs, 2)))
-            at = 0
-            for i, (d, r) in enumerate(zip(docs, rows, strict=True)):
-                new_fam[i].append(self._gated(states[i].cfg, fam0, li, y[:, at:at + r]) if r else fam_in[i])
-                hs[i] = y[:, at + r:at + r + d.T]
-                at += r + d.T
-        normed = self.norm(torch.cat(hs, 1)).split([d.T for d in docs], 1)
+            fam_in = [s.fam[:, li] for s in states]  # outside the no-grad layers: their state passes on with its graph
+            with torch.set_grad_enabled(grad and li >= grad_from):
+                attn = layer.self_attn
+                # feedback rows of each document in this layer (layers below fam_update_from keep their state)
+                rows = [d.fam_rows if li >= s.cfg.fam_update_from else 0 for d, s in zip(docs, states, strict=True)]
+                key = tuple(r > 0 for r in rows)
+                if key not in tables:
+                    idx = torch.cat([d.upper if up else d.lower for d, up in zip(docs, key, strict=True)])
+                    tables[key] = cos_all[:, :, idx], sin_all[:, :, idx]
+                cos, sin = tables[key]
+                x = torch.cat([_flat(torch.cat((f, h), 1) if r else h)
+                               for f, h, r in zip(fam_in, hs, rows, strict=True)], 1)
+                xn = layer.input_layernorm(x)  # [1, R, d]
+                q = Rope.apply(attn.q(xn), cos, sin)
+                k, v = attn.kv(xn)  # the feedback rows' keys are computed and dropped: their keys are in the state
+                k = Rope.apply(k, cos, sin)
+                outs, at = [], 0
+                for i, (d, s, r) in enumerate(zip(docs, states, rows, strict=True)):
+                    n = r + d.T
+                    rows_i = slice(at, at + d.b * n)
+                    keys = torch.cat((s.k[li], _unflat(k[:, :, rows_i], d.b)[:, :, r:]), 2)
+                    vals = torch.cat((s.v[li], _unflat(v[:, :, rows_i], d.b)[:, :, r:]), 2)
+                    o = attn.heads(_unflat(q[:, :, rows_i], d.b), keys, vals, d.mask if r else d.tok_mask)
+                    outs.append(o.transpose(0, 1).reshape(1, o.shape[1], d.b * n, o.shape[3]))
+                    new_k[i].append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
+                    new_v[i].append(vals)
+                    at += d.b * n
+                resid = torch.cat([_flat(torch.cat((f * d.keep, h), 1) if r else h)
+                                   for f, h, r, d in zip(fam_in, hs, rows, docs, strict=True)], 1)
+                y = layer.finish(resid, attn.out(torch.cat(outs, 2)))
+                at = 0
+                for i, (d, r) in enumerate(zip(docs, rows, strict=True)):
+                    yi = y[:, at:at + d.b * (r + d.T)].reshape(d.b, r + d.T, -1)
+                    new_fam[i].append(self._gated(states[i].cfg, fam0, li, yi[:, :r]) if r else fam_in[i])
+                    hs[i] = yi[:, r:]
+                    at += d.b * (r + d.T)
+        normed = self.norm(torch.cat([_flat(h) for h in hs], 1)).split([d.b * d.T for d in docs], 1)
         out = []
         for i, (d, s) in enumerate(zip(docs, states, strict=True)):
             new = replace(s, k=tuple(new_k[i]), v=tuple(new_v[i]), n_tokens=s.n_tokens + d.T, n_block=s.n_block + d.T)
             if d.completes:
                 new = self._complete_block(new, torch.stack(new_fam[i], 1) if d.fam_rows else None)
-            out.append((new, normed[i]))
+            out.append((new, normed[i].reshape(d.b, d.T, -1)))
         return out
 
     @staticmethod
@@ -386,30 +346,50 @@ class FamLM(nn.Module):
 class _Doc:
     """One document's share of a `forward_many` pass: its rows, positions and masks."""
 
-    def __init__(self, T: int, completes: bool, fam_rows: int, pos: Tensor, mask: Tensor | None,  # noqa: N803
-                 tok_mask: Tensor | None, keep: Tensor, start: int):
-        self.T, self.completes, self.fam_rows, self.pos = T, completes, fam_rows, pos
-        self.mask, self.tok_mask, self.keep, self.start = mask, tok_mask, keep, start
+    def __init__(self, b: int, T: int, completes: bool, fam_rows: int, pos: Tensor,  # noqa: N803
+                 mask: Tensor | None, tok_mask: Tensor | None, keep: Tensor):
+        self.b, self.T, self.completes, self.fam_rows, self.pos = b, T, completes, fam_rows, pos
+        self.mask, self.tok_mask, self.keep = mask, tok_mask, keep
+        self.upper = self.lower = pos.new_empty(0)
 
     @staticmethod
     def plan(m: FamLM, state: FamState, tokens: Tensor) -> _Doc:
         cfg, S = state.cfg, state.n_cached
-        (T,) = tokens.shape
-        assert state.batch_size == 1, "forward_many takes states of one document each"
+        b, T = tokens.shape
+        assert b == state.batch_size, f"tokens batch {b} != state batch {state.batch_size}"
         assert 0 < T <= cfg.block_size - state.n_block, (
             f"chunk of {T} tokens does not fit the block ({state.n_block}/{cfg.block_size} used)")
         if not cfg.evicts and S + T > m.arch.max_position_embeddings:
             raise ValueError(f"full mode is limited to the model's context of {m.arch.max_position_embeddings} tokens")
         completes = state.n_block + T == cfg.block_size
         nf = cfg.F
-        fam_rows = nf if completes else 0
+        fam_rows = nf if completes else 0  # feedback rows join the queries when this chunk completes the block
         dev = tokens.device
-        base = int(state.base[0])
-        pos = torch.cat((base + state.block_start - fam_rows + torch.arange(fam_rows, device=dev),
-                         base + S + torch.arange(T, device=dev)))
+        # query positions: the feedback rows take the F positions before the block; new token t sits at slot S + t
+        pos = state.base[:, None] + torch.cat((state.block_start - fam_rows + torch.arange(fam_rows, device=dev),
+                                               S + torch.arange(T, device=dev)))[None]  # [b, fam_rows + T]
         mask = _mask(nf, S, T, state.block_start, fam_rows, dev)
+        # the first update of a fresh state may use a zero residual (FamConfig.zero_first_residual)
         keep = (~(state.fam_fresh & cfg.zero_first_residual)).to(m.embed_tokens.weight.dtype)[:, None, None]
-        return _Doc(T, completes, fam_rows, pos, mask, None if mask is None else mask[fam_rows:], keep, 0)
+        return _Doc(b, T, completes, fam_rows, pos, mask, None if mask is None else mask[fam_rows:], keep)
+
+    def index(self, start: int) -> None:
+        """Where this document's rows are among the pass's flattened positions (from `start`): all of them
+        (`upper`: with the feedback rows), and its token rows only (`lower`)."""
+        n = self.fam_rows + self.T
+        self.upper = torch.arange(start, start + self.b * n, device=self.pos.device)
+        self.lower = self.upper.view(self.b, n)[:, self.fam_rows:].reshape(-1)
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[b, n, d] -> [1, b n, d]: a document's rows in the pass's flattened batch."""
+    return x.reshape(1, -1, x.shape[-1])
+
+
+def _unflat(x: Tensor, b: int) -> Tensor:
+    """[1, heads, b n, hd] (a document's slice of the flattened rows) -> [b, heads, n, hd]."""
+    _, heads, bn, hd = x.shape
+    return x.reshape(heads, b, bn // b, hd).transpose(0, 1)
 
 
 def _mask(nf: int, S: int, T: int, block_start: int, fam_rows: int, device: torch.device) -> Tensor | None:
