@@ -1,0 +1,412 @@
+"""A curriculum that makes PassKey retrieval through the FAM state learnable (issue 9, step 3).
+
+    python -m training.curriculum sanity --key fixed|random [--control none|detach|bswa] --steps 50 --out LOG
+    python -m training.curriculum train --run runs/curriculum [--resume] [--minutes M] [--steps N] ...
+
+Both use `m = 0` (memory_blocks 0), so the FAM state is the only path from the key's block to the question, and a
+loss on the answer digits only. An example at distance `d` is
+
+    block 0:        prefix + (filler) + "The pass key is K. Remember it. K is the pass key." + filler
+    blocks 1..d-1:  filler
+    block d:        " What is the pass key? The pass key is" + " K"   (a partial block: no FAM update of its own)
+
+so the question's block reads the key only through d FAM updates (d hops). The loss is the cross-entropy of the
+5 digits of K (not the space token before them), averaged per digit (chance ln 10 = 2.30 nats); exact match is all
+5 teacher-forced argmaxes right, which is what greedy decoding returns.
+
+`sanity`: the plumbing test. One fixed key (learnable by the weights alone, without memory), a random key per
+example (learnable only through the FAM state) and the controls that cut the state: `detach` (the forward still
+passes the state, the gradient does not cross a block boundary) and `bswa` (no FAM rows at all).
+
+`train`: the distance curriculum. The maximum distance grows through `--stages` (1 2 4 8 16) once the exact match
+over the last `--window` examples at the current maximum passes `--advance` (0.9); with probability `--p-current`
+an example is at the current maximum, else at a uniformly drawn shorter stage. Checkpoint and resume as
+`training.finetune` (<run>/ckpt.pt, <run>/log.jsonl); `python -m training.export_adapter` turns it into an adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from model.fam import FamLM
+from model.state import FamState
+from training.data import PASSKEY_PREFIX, PASSKEY_QUESTION, STANDARD_FILLER, Example
+
+DEFAULT_STAGES = (1, 2, 4, 8, 16)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data
+
+
+class DistanceData:
+    """PassKey examples whose key lies `d` blocks before the question (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, block_size: int, seed: int, prose: list[int] | None = None):
+        self.B, self.rng, self.prose = block_size, random.Random(seed), prose
+        self.enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))
+        self.prefix, self.question = self.enc(PASSKEY_PREFIX), self.enc(PASSKEY_QUESTION)
+        self.standard = self.enc(STANDARD_FILLER)
+        self.digit_ids = {self.enc(str(d))[0] for d in range(10)}
+        if len(self.prefix) + len(self.info("12345")) > block_size:
+            raise ValueError(f"block size {block_size} cannot hold the prefix and the key sentence "
+                             f"({len(self.prefix) + len(self.info('12345'))} tokens)")
+
+    def info(self, key: str) -> list[int]:
+        return self.enc(f" The pass key is {key}. Remember it. {key} is the pass key.")
+
+    def filler(self, kind: str, n: int) -> list[int]:
+        if n <= 0:
+            return []
+        if kind == "standard":
+            start = self.rng.randrange(len(self.standard))
+            return (self.standard * (n // len(self.standard) + 2))[start:start + n]
+        if self.prose is None:
+            raise ValueError("prose filler needs the prose token stream")
+        start = self.rng.randrange(len(self.prose) - n)
+        return self.prose[start:start + n]
+
+    def random_key(self) -> str:
+        return str(self.rng.randint(10000, 99999))
+
+    def example(self, distance: int, key: str | None = None, filler: str = "standard",
+                random_offset: bool = False) -> Example:
+        """Block 0 holds the prefix and the key sentence (at a random offset inside the block with
+        `random_offset`), blocks 1..distance-1 filler, then the question and the answer in block `distance`.
+        Weights: 1 on the positions that predict the answer's digits, 0 elsewhere."""
+        if distance < 1:
+            raise ValueError(f"distance must be >= 1 block, got {distance}")
+        key = self.random_key() if key is None else key
+        info, answer = self.info(key), self.enc(f" {key}")
+        room = self.B - len(self.prefix) - len(info)
+        before = self.rng.randint(0, room) if random_offset else 0
+        block0 = self.prefix + self.filler(filler, before) + info + self.filler(filler, room - before)
+        tokens = block0 + self.filler(filler, (distance - 1) * self.B) + self.question + answer
+        # SmolLM2 tokenizes ' 71432' as ' ', 7, 1, 4, 3, 2: the loss is on the digits
+        digits = [i for i, t in enumerate(answer) if t in self.digit_ids]
+        n = len(tokens)
+        weights = [0.0] * n
+        for i in digits:
+            weights[n - len(answer) + i - 1] = 1.0  # the weight at position p scores the prediction of token p+1
+        return Example(f"passkey_{filler}", tokens, weights, [answer[i] for i in digits], float(distance))
+
+
+def to_batch(examples: list[Example]) -> tuple[Tensor, Tensor]:
+    if len({len(e.tokens) for e in examples}) != 1:
+        raise ValueError("a batch holds examples of one length (one distance)")
+    return (torch.tensor([e.tokens for e in examples], dtype=torch.long),
+            torch.tensor([e.weights for e in examples], dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the distance schedule
+
+
+@dataclass
+class DistanceSchedule:
+    """The maximum key-question distance grows through `stages` once the exact match over the last `window` examples
+    at the current maximum reaches `advance`; shorter stages stay in the mix (`p_current` of the examples are at the
+    maximum, the rest uniform over the shorter stages)."""
+
+    stages: tuple[int, ...] = DEFAULT_STAGES
+    advance: float = 0.9
+    window: int = 32
+    p_current: float = 0.5
+    level: int = 0  # index into stages of the current maximum
+    recent: list[bool] = field(default_factory=list)  # exact match of the last examples at the current maximum
+    history: list[tuple[int, int]] = field(default_factory=list)  # (step, distance) at each advance
+
+    @property
+    def current(self) -> int:
+        return self.stages[self.level]
+
+    def draw(self, rng: random.Random) -> int:
+        if self.level == 0 or rng.random() < self.p_current:
+            return self.current
+        return self.stages[rng.randrange(self.level)]
+
+    def record(self, distance: int, exact: list[bool], step: int) -> bool:
+        """Record the exact matches of examples at `distance`; returns True when the maximum advanced."""
+        if distance != self.current:
+            return False
+        self.recent = (self.recent + list(exact))[-self.window:]
+        if (len(self.recent) >= self.window and sum(self.recent) / len(self.recent) >= self.advance
+                and self.level + 1 < len(self.stages)):
+            self.level += 1
+            self.recent = []
+            self.history.append((step, self.current))
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "recent": list(self.recent), "history": list(self.history)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.level, self.recent = int(d["level"]), list(d["recent"])
+        self.history = [tuple(h) for h in d["history"]]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the loss
+
+
+def answer_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor, detach_fam: bool = False,
+                use_checkpoint: bool = False, grad_from: int = 0) -> tuple[FamState, Tensor, Tensor]:
+    """Loss over the answer digits: returns (final state, mean CE per digit, exact match per row [b] bool).
+
+    `detach_fam` (the control): the FAM state is cut from the graph at every block boundary, so the forward still
+    carries the key but no gradient reaches an earlier block's FAM update."""
+    from training.train import _head
+
+    targets = torch.cat((tokens[:, 1:], tokens[:, :1]), 1)
+    w = torch.cat((weights[:, :-1], torch.zeros_like(weights[:, :1])), 1)
+    loss = tokens.new_zeros((), dtype=torch.float32)
+    hits = torch.zeros_like(w)
+
+    def block(st: FamState, x: Tensor, y: Tensor, wb: Tensor) -> tuple[FamState, Tensor, Tensor]:
+        st, h = module.forward_chunk(st, x, grad_from=grad_from)
+        need = wb > 0
+        if not bool(need.any()):
+            return st, h.sum() * 0.0, torch.zeros_like(wb)
+        _, ce, _, _ = _head(module, st, h, y, wb, None, None)
+        with torch.no_grad():
+            pred = module.lm_head(h[need]).argmax(-1)
+        hit = torch.zeros_like(wb)
+        hit[need] = (pred == y[need]).to(hit.dtype)
+        return st, ce, hit
+
+    for a, b in state.cuts(tokens.shape[1]):
+        args = (state, tokens[:, a:b], targets[:, a:b], w[:, a:b])
+        if use_checkpoint and torch.is_grad_enabled():
+            state, ce, hit = checkpoint(block, *args, use_reentrant=False)
+        else:
+            state, ce, hit = block(*args)
+        loss = loss + ce
+        hits[:, a:b] = hit
+        if detach_fam and state.cfg.F and state.n_block == 0:
+            state = module.with_fam(state, state.fam.detach(), state.fam_fresh)
+    n = (w > 0).sum().clamp(min=1)
+    exact = ((hits > 0) | (w <= 0)).all(1)
+    return state, loss / n, exact
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# setup shared by both commands
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help="checkpoint source (default: the default model)")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--fam-len", type=int, default=32)
+    ap.add_argument("--fam-update-from", type=int, default=12)
+    ap.add_argument("--fam-gate", type=float, default=1.0)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=32)
+    ap.add_argument("--lora-targets", nargs="+",
+                    default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    ap.add_argument("--lora-from", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--prompt-lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--checkpoint", action="store_true", help="per-block activation checkpointing")
+    ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--filler", default="standard", choices=("standard", "prose"))
+    ap.add_argument("--random-offset", action="store_true", help="the key sentence at a random offset in block 0")
+
+
+def build(args: argparse.Namespace, mode: str) -> tuple[Any, str, dict[str, torch.nn.Parameter], torch.optim.Optimizer]:
+    """The runtime with LoRA injected (training.finetune.setup), m = 0, and AdamW over LoRA and the prompt."""
+    from training.finetune import setup
+
+    ns = argparse.Namespace(**vars(args))
+    ns.mode, ns.memory_blocks = mode, 0
+    rt, base_fp, trainable = setup(ns)
+    groups = [{"params": [p for n, p in trainable.items() if n != "fam_prompt"], "lr": args.lr}]
+    if "fam_prompt" in trainable:
+        groups.append({"params": [trainable["fam_prompt"]], "lr": args.prompt_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return rt, base_fp, trainable, opt
+
+
+def train_step(rt: Any, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer, tokens: Tensor,
+               weights: Tensor, args: argparse.Namespace, step: int, detach_fam: bool = False
+               ) -> tuple[float, list[bool], float]:
+    """One optimizer step on one batch: returns (loss per digit, exact match per row, gradient norm)."""
+    from training.finetune import autocast, grad_from
+
+    module = rt.module
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(args.warmup, 1))
+    state = module.new_state(batch=tokens.shape[0])
+    with autocast(rt.device, args.amp):
+        _, loss, exact = answer_loss(module, state, tokens.to(rt.device), weights.to(rt.device), detach_fam,
+                                     args.checkpoint, grad_from(module, trainable))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+    opt.step()
+    return loss.item(), exact.tolist(), float(gn)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sanity
+
+
+def sanity_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m training.curriculum sanity")
+    add_model_args(ap)
+    ap.add_argument("--key", default="fixed", choices=("fixed", "random"))
+    ap.add_argument("--fixed-key", default="71432")
+    ap.add_argument("--control", default="none", choices=("none", "detach", "bswa"))
+    ap.add_argument("--distance", type=int, default=2, help="blocks from the key's block to the question's (2: one "
+                                                            "block of filler between them)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=None, help="log.jsonl to write (one line per step)")
+    return ap.parse_args(argv)
+
+
+def sanity(args: argparse.Namespace, echo: bool = True) -> list[dict[str, Any]]:
+    """Train `args.steps` steps at one distance; returns one record per step (and writes them to `args.out`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _sanity(args, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sanity(args: argparse.Namespace, echo: bool) -> list[dict[str, Any]]:
+    mode = "bswa" if args.control == "bswa" else "fam"
+    rt, _, trainable, opt = build(args, mode)
+    rt.module.train()
+    data = DistanceData(rt.tokenizer, args.block_size, args.seed)
+    out = None if args.out is None else args.out.open("w")
+    recs = []
+    t0 = time.time()
+    for step in range(args.steps):
+        key = args.fixed_key if args.key == "fixed" else None
+        ex = [data.example(args.distance, key, args.filler, args.random_offset) for _ in range(args.batch)]
+        tokens, weights = to_batch(ex)
+        loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step, args.control == "detach")
+        rec = {"step": step + 1, "key": args.key, "control": args.control, "distance": args.distance,
+               "loss": round(loss, 4), "em": sum(exact) / len(exact), "grad_norm": round(gn, 4),
+               "seconds": round(time.time() - t0, 1)}
+        recs.append(rec)
+        if echo:
+            print(json.dumps(rec), flush=True)
+        if out:
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+    return recs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the curriculum
+
+
+def train(argv: list[str]) -> None:
+    from training.finetune import lora_weights, run_meta, save_checkpoint
+
+    ap = argparse.ArgumentParser(prog="python -m training.curriculum train")
+    add_model_args(ap)
+    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--stages", type=int, nargs="+", default=list(DEFAULT_STAGES))
+    ap.add_argument("--advance", type=float, default=0.9)
+    ap.add_argument("--window", type=int, default=32, help="examples at the current maximum the exact match is over")
+    ap.add_argument("--p-current", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--minutes", type=float, default=float("inf"))
+    ap.add_argument("--save-minutes", type=float, default=4.0)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.run.mkdir(parents=True, exist_ok=True)
+    rt, base_fp, trainable, opt = build(args, "fam")
+    rt.module.train()
+    data = DistanceData(rt.tokenizer, args.block_size, args.seed)
+    sched = DistanceSchedule(tuple(args.stages), args.advance, args.window, args.p_current)
+    ckpt = args.run / "ckpt.pt"
+    step = 0
+    # the meta finetune writes, with this phase's recipe instead of the mixture's
+    meta_args = argparse.Namespace(**vars(args), mode="fam", memory_blocks=0, mix={}, seq_blocks=[], repeat_len=0,
+                                   min_gap=None, p_carry=0.0, rsp_warmup=0, distill=0.0, kd_topk=0, kd_passkey=False)
+    meta = run_meta(meta_args, rt, base_fp)
+    meta["training_command"] = "python -m training.curriculum train " + " ".join(sys.argv[2:])
+    meta["data_recipe"] = {"curriculum": "passkey distance", "stages": args.stages, "advance": args.advance,
+                           "window": args.window, "p_current": args.p_current, "filler": args.filler,
+                           "loss": "answer digits only", "memory_blocks": 0, "rsp": False, "rpo": False,
+                           "batch": args.batch, "random_offset": args.random_offset}
+    if args.resume and ckpt.is_file():
+        c = torch.load(ckpt, weights_only=False, map_location=rt.device)
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(c["trainable"][n])
+        opt.load_state_dict(c["optimizer"])
+        step = c["step"]
+        data.rng.setstate(c["data_rng"])
+        sched.load_state_dict(c["schedule"])
+        meta = c["meta"] | {"resumed_with": "python -m training.curriculum train " + " ".join(sys.argv[2:])}
+    (args.run / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    def checkpoint_now() -> None:
+        save_checkpoint(ckpt, trainable={n: p.detach().cpu() for n, p in trainable.items()},
+                        optimizer=opt.state_dict(), carried=None, step=step, data_rng=data.rng.getstate(),
+                        schedule=sched.state_dict(), meta=meta,
+                        lora={n: (a.cpu(), b.cpu()) for n, (a, b) in lora_weights(rt.module).items()})
+
+    log = (args.run / "log.jsonl").open("a")
+    t_start = last_save = time.time()
+    while step < args.steps and (time.time() - t_start) / 60 < args.minutes:
+        t0 = time.time()
+        d = sched.draw(data.rng)
+        tokens, weights = to_batch([data.example(d, None, args.filler, args.random_offset) for _ in range(args.batch)])
+        loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step)
+        step += 1
+        advanced = sched.record(d, exact, step)
+        rec = {"step": step, "distance": d, "max_distance": sched.current, "loss": round(loss, 4),
+               "em": sum(exact) / len(exact), "grad_norm": round(gn, 4), "seconds": round(time.time() - t0, 2),
+               "time": round(time.time(), 1)}
+        if advanced:
+            rec["advanced_to"] = sched.current
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}")
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(json.dumps(rec), flush=True)
+        if (time.time() - last_save) / 60 >= args.save_minutes:
+            checkpoint_now()
+            last_save = time.time()
+    checkpoint_now()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("sanity", "train"):
+        print(__doc__)
+        raise SystemExit(2)
+    if argv[0] == "sanity":
+        sanity(sanity_args(argv[1:]))
+    else:
+        train(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
