@@ -2,6 +2,7 @@
 
     python -m training.curriculum sanity --key fixed|random [--control none|detach|bswa] --steps 50 --out LOG
     python -m training.curriculum train --run runs/curriculum [--resume] [--minutes M] [--steps N] ...
+    python -m training.curriculum probe [--distance D]   # the answer loss's gradient per block
 
 Both use `m = 0` (memory_blocks 0), so the FAM state is the only path from the key's block to the question, and a
 loss on the answer digits only. An example at distance `d` is
@@ -318,6 +319,47 @@ def _sanity(args: argparse.Namespace, echo: bool) -> list[dict[str, Any]]:
     return recs
 
 
+def probe(argv: list[str]) -> list[dict[str, Any]]:
+    """Where the answer loss's gradient goes: its norm w.r.t. the input embeddings of each block (key block,
+    filler blocks, the question's block) and w.r.t. the FAM prompt, for fam, the detach control and bswa, on one
+    batch of random keys at `--distance`; all layers under autograd (grad_from 0), LoRA untrained (B = 0)."""
+    ap = argparse.ArgumentParser(prog="python -m training.curriculum probe")
+    add_model_args(ap)
+    ap.add_argument("--distance", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from training.finetune import autocast
+
+    out = []
+    for control in ("none", "detach", "bswa"):
+        rt, _, trainable, _ = build(args, "bswa" if control == "bswa" else "fam")
+        module = rt.module
+        data = DistanceData(rt.tokenizer, args.block_size, args.seed)
+        tokens, weights = to_batch([data.example(args.distance) for _ in range(args.batch)])
+        embedded: list[Tensor] = []
+
+        def leaf(mod: Any, inputs: Any, o: Tensor, embedded: list[Tensor] = embedded) -> Tensor:
+            embedded.append(o.detach().requires_grad_())
+            return embedded[-1]
+
+        hook = module.embed_tokens.register_forward_hook(leaf)
+        try:
+            with autocast(rt.device, args.amp):
+                _, loss, _ = answer_loss(module, module.new_state(batch=args.batch), tokens.to(rt.device),
+                                         weights.to(rt.device), detach_fam=control == "detach")
+        finally:
+            hook.remove()
+        wrt = embedded + ([trainable["fam_prompt"]] if "fam_prompt" in trainable else [])
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        norms = [0.0 if g is None else round(g.float().norm().item(), 6) for g in grads]
+        rec = {"control": control, "distance": args.distance, "loss": round(loss.item(), 4),
+               "grad_norm_per_block": norms[:len(embedded)],
+               "grad_norm_prompt": norms[len(embedded)] if len(wrt) > len(embedded) else None}
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the curriculum
 
@@ -399,11 +441,13 @@ def train(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("sanity", "train"):
+    if not argv or argv[0] not in ("sanity", "train", "probe"):
         print(__doc__)
         raise SystemExit(2)
     if argv[0] == "sanity":
         sanity(sanity_args(argv[1:]))
+    elif argv[0] == "probe":
+        probe(argv[1:])
     else:
         train(argv[1:])
 
