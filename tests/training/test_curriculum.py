@@ -157,3 +157,35 @@ def test_real_model_sanity_fixed_key():
     recs = sanity(sanity_args(["--key", "fixed", "--steps", "50", "--batch", "4", "--threads", "2"]), echo=False)
     losses = [r["loss"] for r in recs]
     assert min(losses[-10:]) < 0.05, losses
+
+
+def test_curriculum_trains_checkpoints_and_resumes(tiny_chat_dir, tmp_path):
+    """`train` end to end on the tiny model: log lines, a checkpoint with the schedule, resume continues the step
+    count; an advance threshold of 0 moves the maximum distance up the stages as soon as a window is full."""
+    import json
+
+    from training.curriculum import train
+
+    run = tmp_path / "run"
+    common = ["--model", str(tiny_chat_dir), "--block-size", str(B), "--fam-len", "4", "--fam-update-from", "0",
+              "--lora-from", "0", "--amp", "off", "--threads", "1", "--batch", "2", "--run", str(run),
+              "--stages", "1", "2", "4", "--window", "2", "--advance", "0"]
+    train(common + ["--steps", "3"])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[0]["distance"] == 1 and log[0]["advanced_to"] == 2  # the first batch (2 rows) fills the window
+    assert log[1]["max_distance"] == 2
+    c = torch.load(run / "ckpt.pt", weights_only=False)
+    assert c["step"] == 3 and c["schedule"]["level"] >= 1 and "fam_prompt" in c["trainable"]
+    assert c["meta"]["fam_config"]["memory_blocks"] == 0
+    train(common + ["--steps", "5", "--resume"])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert all(r["distance"] <= r["max_distance"] for r in log)
+    assert torch.load(run / "ckpt.pt", weights_only=False)["schedule"]["level"] == 2
+    from model.adapter import load_adapter
+    from training.finetune import export_adapter
+
+    export_adapter(run / "ckpt.pt", tmp_path / "a.safetensors")
+    adapter = load_adapter(tmp_path / "a.safetensors", "")
+    assert adapter.fam_config().memory_blocks == 0 and adapter.meta["step"] == 5
