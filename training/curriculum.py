@@ -3,6 +3,7 @@
     python -m training.curriculum sanity --key fixed|random [--control none|detach|bswa] --steps 50 --out LOG
     python -m training.curriculum train --run runs/curriculum [--resume] [--minutes M] [--steps N] ...
     python -m training.curriculum probe [--distance D]   # the answer loss's gradient per block
+    python -m training.curriculum keyswap [--ckpt C]     # answer loss with the true key and another key in block 0
 
 Both use `m = 0` (memory_blocks 0), so the FAM state is the only path from the key's block to the question, and a
 loss on the answer digits only. An example at distance `d` is
@@ -102,6 +103,23 @@ class DistanceData:
         for i in digits:
             weights[n - len(answer) + i - 1] = 1.0  # the weight at position p scores the prediction of token p+1
         return Example(f"passkey_{filler}", tokens, weights, [answer[i] for i in digits], float(distance))
+
+    def swapped_pair(self, distance: int, filler: str = "standard", random_offset: bool = False
+                         ) -> tuple[Example, Example]:
+        """Two examples identical but for the key sentence in block 0: the second holds another key, while its
+        question is still answered with the first's key (weights alike)."""
+        key = self.random_key()
+        other = self.random_key()
+        while other == key:
+            other = self.random_key()
+        state = self.rng.getstate()
+        ex = self.example(distance, key, filler, random_offset)
+        self.rng.setstate(state)
+        sw = self.example(distance, other, filler, random_offset)
+        n_q = len(self.question) + len(self.enc(f" {key}"))
+        sw.tokens[-n_q:] = ex.tokens[-n_q:]
+        sw.answer = ex.answer
+        return ex, sw
 
 
 def to_batch(examples: list[Example]) -> tuple[Tensor, Tensor]:
@@ -360,6 +378,48 @@ def probe(argv: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def keyswap(argv: list[str]) -> list[dict[str, Any]]:
+    """Does the answer depend on the key in block 0? The answer loss and exact match per distance over `--keys`
+    examples as they are, and with block 0's key sentence holding another key (the answer unchanged). A memory that
+    retrieves: the swapped loss far above the true one; one that does not: the two equal (no gradient, bf16)."""
+    from training.finetune import autocast
+
+    ap = argparse.ArgumentParser(prog="python -m training.curriculum keyswap")
+    add_model_args(ap)
+    ap.add_argument("--ckpt", type=Path, default=None, help="a curriculum checkpoint to load (default: untrained)")
+    ap.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--keys", type=int, default=32)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rt, _, trainable, _ = build(args, "fam")
+    if args.ckpt is not None:
+        c = torch.load(args.ckpt, weights_only=False, map_location=rt.device)
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(c["trainable"][n])
+    module = rt.module
+    module.eval()
+    out = []
+    for d in args.distances:
+        data = DistanceData(rt.tokenizer, args.block_size, args.seed + 1000 + d)
+        true, swapped = [], []
+        for _ in range(args.keys):
+            ex, sw = data.swapped_pair(d, filler=args.filler, random_offset=args.random_offset)
+            true.append(ex)
+            swapped.append(sw)
+        rec: dict[str, Any] = {"distance": d, "keys": args.keys, "ckpt": str(args.ckpt)}
+        for name, exs in (("true", true), ("swapped", swapped)):
+            tokens, weights = to_batch(exs)
+            with torch.no_grad(), autocast(rt.device, args.amp):
+                _, loss, exact = answer_loss(module, module.new_state(batch=len(exs)), tokens.to(rt.device),
+                                             weights.to(rt.device))
+            rec[f"loss_{name}"] = round(loss.item(), 4)
+            rec[f"em_{name}"] = round(exact.float().mean().item(), 4)
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the curriculum
 
@@ -441,13 +501,15 @@ def train(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("sanity", "train", "probe"):
+    if not argv or argv[0] not in ("sanity", "train", "probe", "keyswap"):
         print(__doc__)
         raise SystemExit(2)
     if argv[0] == "sanity":
         sanity(sanity_args(argv[1:]))
     elif argv[0] == "probe":
         probe(argv[1:])
+    elif argv[0] == "keyswap":
+        keyswap(argv[1:])
     else:
         train(argv[1:])
 

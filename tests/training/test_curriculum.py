@@ -189,3 +189,13 @@ def test_curriculum_trains_checkpoints_and_resumes(tiny_chat_dir, tmp_path):
     export_adapter(run / "ckpt.pt", tmp_path / "a.safetensors")
     adapter = load_adapter(tmp_path / "a.safetensors", "")
     assert adapter.fam_config().memory_blocks == 0 and adapter.meta["step"] == 5
+
+
+def test_swapped_pair_differs_only_in_block0s_key(tokenizer):
+    data = DistanceData(tokenizer, B, seed=4)
+    ex, sw = data.swapped_pair(3, random_offset=True)
+    assert len(ex.tokens) == len(sw.tokens) and ex.weights == sw.weights and ex.answer == sw.answer
+    diff = [i for i, (a, b) in enumerate(zip(ex.tokens, sw.tokens, strict=True)) if a != b]
+    assert diff and max(diff) < B  # only block 0 differs
+    key, other = tokenizer.decode(ex.answer), tokenizer.decode(sw.tokens[:B])
+    assert key not in other and tokenizer.decode(sw.tokens[-5:]) == key
