@@ -292,8 +292,11 @@ def train_step(rt: Any, trainable: dict[str, torch.nn.Parameter], opt: torch.opt
 def sanity_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m training.curriculum sanity")
     add_model_args(ap)
-    ap.add_argument("--key", default="fixed", choices=("fixed", "random"))
+    ap.add_argument("--key", default="fixed", choices=("fixed", "random", "set"),
+                    help="fixed: --fixed-key every time; random: a fresh 5-digit key per example; set: drawn from "
+                         "--key-set (with keys differing in every digit, no memory can do better than ln(set size))")
     ap.add_argument("--fixed-key", default="71432")
+    ap.add_argument("--key-set", nargs="+", default=["11111", "99999"])
     ap.add_argument("--control", default="none", choices=("none", "detach", "bswa"))
     ap.add_argument("--distance", type=int, default=2, help="blocks from the key's block to the question's (2: one "
                                                             "block of filler between them)")
@@ -321,8 +324,9 @@ def _sanity(args: argparse.Namespace, echo: bool) -> list[dict[str, Any]]:
     recs = []
     t0 = time.time()
     for step in range(args.steps):
-        key = args.fixed_key if args.key == "fixed" else None
-        ex = [data.example(args.distance, key, args.filler, args.random_offset) for _ in range(args.batch)]
+        keys = [args.fixed_key if args.key == "fixed" else data.rng.choice(args.key_set) if args.key == "set" else None
+                for _ in range(args.batch)]
+        ex = [data.example(args.distance, k, args.filler, args.random_offset) for k in keys]
         tokens, weights = to_batch(ex)
         loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step, args.control == "detach")
         rec = {"step": step + 1, "key": args.key, "control": args.control, "distance": args.distance,
