@@ -80,8 +80,14 @@ class DistanceData:
         start = self.rng.randrange(len(self.prose) - n)
         return self.prose[start:start + n]
 
-    def random_key(self) -> str:
-        return str(self.rng.randint(10000, 99999))
+    def random_key(self, varying: int = 5) -> str:
+        """A 5-digit key; with `varying` < 5 only the first `varying` digits are drawn and the last of them repeats
+        (varying 1: 00000 ... 99999), so the teacher-forced digits after them follow without memory: the memory
+        must carry `varying` digits, and the best loss without it is varying * ln 10 / 5 nats per digit."""
+        if varying >= 5:
+            return str(self.rng.randint(10000, 99999))
+        head = "".join(str(self.rng.randrange(10)) for _ in range(varying))
+        return head + head[-1] * (5 - varying)
 
     def example(self, distance: int, key: str | None = None, filler: str = "standard",
                 random_offset: bool = False) -> Example:
@@ -441,6 +447,8 @@ def train(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--minutes", type=float, default=float("inf"))
     ap.add_argument("--save-minutes", type=float, default=4.0)
+    ap.add_argument("--key-digits", type=int, default=5,
+                    help="digits of the key that vary (DistanceData.random_key): < 5 eases the task to fewer bits")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -459,7 +467,7 @@ def train(argv: list[str]) -> None:
     meta["data_recipe"] = {"curriculum": "passkey distance", "stages": args.stages, "advance": args.advance,
                            "window": args.window, "p_current": args.p_current, "filler": args.filler,
                            "loss": "answer digits only", "memory_blocks": 0, "rsp": False, "rpo": False,
-                           "batch": args.batch, "random_offset": args.random_offset}
+                           "batch": args.batch, "random_offset": args.random_offset, "key_digits": args.key_digits}
     if args.resume and ckpt.is_file():
         c = torch.load(ckpt, weights_only=False, map_location=rt.device)
         with torch.no_grad():
@@ -483,7 +491,8 @@ def train(argv: list[str]) -> None:
     while step < args.steps and (time.time() - t_start) / 60 < args.minutes:
         t0 = time.time()
         d = sched.draw(data.rng)
-        tokens, weights = to_batch([data.example(d, None, args.filler, args.random_offset) for _ in range(args.batch)])
+        tokens, weights = to_batch([data.example(d, data.random_key(args.key_digits), args.filler, args.random_offset)
+                                    for _ in range(args.batch)])
         loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step)
         step += 1
         advanced = sched.record(d, exact, step)
