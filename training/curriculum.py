@@ -110,14 +110,14 @@ class DistanceData:
             weights[n - len(answer) + i - 1] = 1.0  # the weight at position p scores the prediction of token p+1
         return Example(f"passkey_{filler}", tokens, weights, [answer[i] for i in digits], float(distance))
 
-    def swapped_pair(self, distance: int, filler: str = "standard", random_offset: bool = False
-                         ) -> tuple[Example, Example]:
+    def swapped_pair(self, distance: int, filler: str = "standard", random_offset: bool = False, varying: int = 5
+                     ) -> tuple[Example, Example]:
         """Two examples identical but for the key sentence in block 0: the second holds another key, while its
         question is still answered with the first's key (weights alike)."""
-        key = self.random_key()
-        other = self.random_key()
+        key = self.random_key(varying)
+        other = self.random_key(varying)
         while other == key:
-            other = self.random_key()
+            other = self.random_key(varying)
         state = self.rng.getstate()
         ex = self.example(distance, key, filler, random_offset)
         self.rng.setstate(state)
@@ -399,6 +399,7 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
     ap.add_argument("--ckpt", type=Path, default=None, help="a curriculum checkpoint to load (default: untrained)")
     ap.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--keys", type=int, default=32)
+    ap.add_argument("--key-digits", type=int, default=5, help="as train's (DistanceData.random_key)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rt, _, trainable, _ = build(args, "fam")
@@ -414,10 +415,10 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
         data = DistanceData(rt.tokenizer, args.block_size, args.seed + 1000 + d)
         true, swapped = [], []
         for _ in range(args.keys):
-            ex, sw = data.swapped_pair(d, filler=args.filler, random_offset=args.random_offset)
+            ex, sw = data.swapped_pair(d, args.filler, args.random_offset, args.key_digits)
             true.append(ex)
             swapped.append(sw)
-        rec: dict[str, Any] = {"distance": d, "keys": args.keys, "ckpt": str(args.ckpt)}
+        rec: dict[str, Any] = {"distance": d, "keys": args.keys, "key_digits": args.key_digits, "ckpt": str(args.ckpt)}
         for name, exs in (("true", true), ("swapped", swapped)):
             tokens, weights = to_batch(exs)
             with torch.no_grad(), autocast(rt.device, args.amp):
