@@ -344,9 +344,7 @@ class Engine:
             if s.deleted:
                 raise SessionNotFound(s.id)
             if self.store.lease_lost(s):
-                raise LeaseLost(f"this server lost the lease of session {s.id} while working on it (another server "
-                                "took the session over, or this one was paused or cut off from the store); the "
-                                "session is as of its last commit. Retry the request")
+                raise LeaseLost(s.id)
 
     def _step(self) -> None:
         planned: list[tuple[Job, Work]] = []

@@ -66,8 +66,11 @@ class LeaseLost(EngineError):
 
     code = "lease_lost"
 
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message, param="session_id")
+    def __init__(self, session_id: str, retry_after: int = 1):
+        super().__init__(f"this server lost the lease of session {session_id} while working on it (another server "
+                         "took the session over, or this one was paused or cut off from the store); its last change "
+                         "was not saved, the session is as of its last commit. Retry the request",
+                         param="session_id")
         self.retry_after = retry_after
 
 

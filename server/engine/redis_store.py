@@ -226,7 +226,7 @@ class RedisBackend:
     def commit(self, lease: Lease, base: int, record: dict[str, Any], blob: bytes) -> Head:
         sid = lease.session_id
         if lease.lost:
-            raise self._lost(sid)
+            raise LeaseLost(sid)
         key = self._put_blob(sid, blob, "saving the session")
         with _errors("saving the session"):
             version = self._commit(keys=[_key(sid, "head"), _key(sid, "lease"), key],
@@ -236,7 +236,7 @@ class RedisBackend:
             if version == -1:
                 raise SessionNotFound(sid)
             lease.lost = True
-            raise self._lost(sid)
+            raise LeaseLost(sid)
         return Head(record, int(version))
 
     def delete(self, session_id: str) -> None:
@@ -252,11 +252,6 @@ class RedisBackend:
             self.client.delete(key)
         except redis.exceptions.RedisError:
             pass  # it expires on its own
-
-    def _lost(self, session_id: str) -> LeaseLost:
-        return LeaseLost(f"this server lost the lease of session {session_id} (another server took the session "
-                         "over, or this one was paused or cut off from Redis): its last change was not saved; the "
-                         "session is as of its last commit. Retry the request")
 
     # ---------------------------------------------------------------------------------------------- leases
 

@@ -191,8 +191,7 @@ class LocalBackend:
         if head is None:
             raise SessionNotFound(lease.session_id)
         if head.version != base:
-            raise LeaseLost(f"session {lease.session_id} changed under this change (version {head.version}, not "
-                            f"{base})")
+            raise LeaseLost(lease.session_id)  # the head moved since this change began
         return self._write(Head(record, head.version + 1), blob)
 
     def delete(self, session_id: str) -> None:
@@ -441,7 +440,7 @@ class SessionStore:
         if session.deleted or session.state is None:
             return
         if session.lease is None:
-            raise LeaseLost(f"session {session.id} is not leased by this server: its change was not saved")
+            raise LeaseLost(session.id)  # never leased here: nothing may be committed
         try:
             head = self.backend.commit(session.lease, session.version, session.record(),
                                        self._snapshot(session.record(), session.state))
