@@ -26,6 +26,9 @@ from torch import Tensor, nn
 from model.config import ArchConfig, FamConfig
 from model.state import FamState
 
+# Attention of up to this many query rows runs as plain matmuls in bf16/fp16 (Attention.few_queries).
+FEW_QUERIES = 64
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -66,19 +69,23 @@ class Attention(nn.Module):
 
     def heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Attention per head: q [b, H, R, hd], k/v [b, KV, C, hd] -> [b, H, R, hd]."""
-        if q.shape[2] == 1 and mask is None and q.dtype != torch.float32:
-            return self.one_query(q, k, v)
+        if q.shape[2] <= FEW_QUERIES and q.dtype != torch.float32:
+            return self.few_queries(q, k, v, mask)
         return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
 
-    def one_query(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """A decoded token's attention as two small matmuls per kv head, the grouped query heads side by side.
-        Measured on the 2-thread CPU at 545 cached keys, bf16: 172 us against 848 us for PyTorch's CPU SDPA
-        kernel (which is faster in float32: 73 us, so float32 keeps it)."""
-        b, g = q.shape[0], self.n_heads // self.n_kv
-        qg = q.reshape(b, self.n_kv, g, self.head_dim)  # query head h reads kv head h // g
-        scores = (qg @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # [b, KV, g, C]
-        o = torch.softmax(scores, -1).to(v.dtype) @ v  # [b, KV, g, hd]
-        return o.reshape(b, self.n_heads, 1, self.head_dim)
+    def few_queries(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Attention of a few query rows (a decoded token; a block's last token with its F feedback rows) as two
+        small matmuls per kv head, the grouped query heads side by side. PyTorch's CPU SDPA kernel is slow for few
+        bf16 queries; measured on one thread (scripts/bench_attention.py): 63 against 427 us for one query and 545
+        keys, 443 against 1,046 us for 33 queries and 578 keys with a mask, 1,070 against 1,330 for 64; from ~128
+        queries SDPA is faster. In float32 SDPA is fast and is kept."""
+        b, r, g = q.shape[0], q.shape[2], self.n_heads // self.n_kv
+        qg = q.reshape(b, self.n_kv, g * r, self.head_dim)  # query head h reads kv head h // g
+        scores = (qg @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # [b, KV, g R, C]
+        if mask is not None:
+            scores = scores.masked_fill(~mask.repeat(g, 1), float("-inf"))
+        o = torch.softmax(scores, -1).to(v.dtype) @ v  # [b, KV, g R, hd]
+        return o.reshape(b, self.n_heads, r, self.head_dim)
 
     def out(self, o: Tensor) -> Tensor:
         """[b, H, R, hd] -> [b, R, d]."""

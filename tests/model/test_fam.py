@@ -174,16 +174,25 @@ def test_forward_many_matches_one_by_one(tiny_dirs, fam_update_from, fam_gate):
         assert_states_equal(batched, alone)
 
 
-def test_one_query_attention_equals_sdpa(tiny_dirs):
-    """The decode path's attention (bf16 and other non-float32 dtypes) is scaled dot-product attention."""
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_few_queries_attention_equals_sdpa(tiny_dirs, rows, masked):
+    """The attention of few query rows (bf16 and other non-float32 dtypes: a decoded token, a block's last token
+    with its feedback rows) is scaled dot-product attention, with the grouped heads and the mask as SDPA reads
+    them."""
     attn = tiny(tiny_dirs["llama"]).layers[0].self_attn
+    assert attn.n_heads > attn.n_kv  # grouped-query attention: the head-to-kv mapping is exercised
     g = torch.Generator().manual_seed(8)
-    q = torch.randn(2, attn.n_heads, 1, attn.head_dim, generator=g)
-    k, v = (torch.randn(2, attn.n_kv, 37, attn.head_dim, generator=g) for _ in range(2))
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    torch.testing.assert_close(attn.one_query(q, k, v), ref, atol=1e-6, rtol=1e-5)
-    fast = attn.heads(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
-    torch.testing.assert_close(fast.float(), ref, atol=2e-2, rtol=2e-2)
+    q = torch.randn(2, attn.n_heads, rows, attn.head_dim, generator=g)
+    k, v = (torch.randn(2, attn.n_kv, 37 + rows, attn.head_dim, generator=g) for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.rand(rows, 37 + rows, generator=g) > 0.4
+        mask[:, 0] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(attn.few_queries(q, k, v, mask), ref, atol=1e-5, rtol=1e-4)
+    fast = attn.heads(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    torch.testing.assert_close(fast.float(), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_gradient_reaches_prompt_through_blocks(tiny_dirs):
