@@ -12,9 +12,19 @@ one stream alone, then N concurrent streams on N sessions (each holding a short 
 --stream-tokens tokens (ignore_eos); aggregate tok/s = completion tokens of all streams / wall time from the
 first request sent to the last stream ended. The engine decodes concurrent streams in one batched pass per token.
 
+With --targets it measures the engine issue's four rate targets in one run, on one server, beside the in-process
+references (`scripts/bench_model.py` workers: the runtime's own ingest at the same lengths, Hugging Face's bf16
+prefill at 2k), and writes the table to --out:
+  - ingest through the server (text over HTTP, one session each) at --target-lengths against the runtime alone;
+  - single-stream decode after an 8k-token document (decode rate = tokens after the first / time after the first);
+  - --streams concurrent streaming chats on as many sessions against one alone (aggregate, prefill included);
+  - time to first token of a short chat while another session ingests --load-tokens tokens, against idle, and
+    that ingest's rate against the unloaded one at the longest target length.
+
 Prints a markdown table. Short runs:
     python scripts/bench_server.py --sessions 1,4 --ingest-tokens 1024
     python scripts/bench_server.py --streams 8 --stream-tokens 32
+    python scripts/bench_server.py --targets --threads 2 --out docs/bench_targets.md
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +43,8 @@ from pathlib import Path
 import httpx
 
 from server import child
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 WORDS = ("river stone market window evening garden letter winter harbour candle mountain teacher story "
@@ -176,6 +189,119 @@ def run_streams(args: argparse.Namespace) -> None:
         print(f"| {k} | {rate:.1f} | {rate / rows[0][1]:.2f}x | {first:.2f} | {wall:.1f} | {tokens} |")
 
 
+def in_process(spec: dict) -> dict:
+    """One `scripts/bench_model.py` worker (its own process): {kind: fam|hf, dtype, n, decode, threads}."""
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_model.py"), "--worker", json.dumps(spec)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"worker {spec} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def timed_ingest(base: str, sid: str, text: str) -> tuple[int, float]:
+    start = time.perf_counter()
+    r = httpx.post(f"{base}/v1/sessions/{sid}/ingest", json={"text": text}, timeout=7200)
+    r.raise_for_status()
+    return r.json()["tokens"], time.perf_counter() - start
+
+
+def run_targets(args: argparse.Namespace) -> None:
+    threads = args.threads or os.cpu_count() or 1
+    lengths = [int(n) for n in args.target_lengths.split(",")]
+    ref = {n: in_process(dict(kind="fam", dtype=args.dtype, n=n, decode=False, threads=threads)) for n in lengths}
+    hf = in_process(dict(kind="hf", dtype=args.dtype, n=2048, decode=False, threads=threads))
+    hf_rate = 2048 / hf["ingest_s"]
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
+        proc, base = start_server(argparse.Namespace(**{**vars(args), "threads": threads}), data_dir)
+        try:
+            new = lambda: httpx.post(f"{base}/v1/sessions").json()["id"]  # noqa: E731
+            warm = new()  # first ingest and chat: allocator pools, workspaces
+            timed_ingest(base, warm, document(base, 600, 98))
+            stream_chat(base, warm, 4)
+            idle = [ttft(base, args.answer_tokens) for _ in range(5)]
+            served = {}
+            for n in lengths:
+                sid = new()
+                tokens, wall = timed_ingest(base, sid, document(base, n, n))
+                served[n] = (tokens / wall, sid)
+            sid8k = served[min(lengths, key=lambda n: abs(n - 8192))][1]
+            first, total, tokens = stream_chat(base, sid8k, args.stream_tokens)
+            res["decode"] = (tokens - 1) / (total - first)
+            sids = [new() for _ in range(args.streams)]
+            for i, sid in enumerate(sids):  # documents of different lengths: blocks at different fills
+                timed_ingest(base, sid, document(base, args.stream_doc_tokens + 37 * i, i))
+            rates = []
+            for k in (1, args.streams):
+                out: list[tuple[float, float, int]] = []
+                threads_k = [threading.Thread(target=lambda sid=sid, out=out: out.append(
+                    stream_chat(base, sid, args.stream_tokens))) for sid in sids[:k]]
+                start = time.perf_counter()
+                for t in threads_k:
+                    t.start()
+                for t in threads_k:
+                    t.join()
+                rates.append(sum(r[2] for r in out) / (time.perf_counter() - start))
+            res["streams"] = rates
+            loaded: list[float] = []
+            done = threading.Event()
+            bulk: dict = {}
+            text = document(base, args.load_tokens, 7)
+            sid_bulk = new()
+
+            def ingest_bulk() -> None:
+                bulk["tokens"], bulk["wall"] = timed_ingest(base, sid_bulk, text)
+                done.set()
+
+            worker = threading.Thread(target=ingest_bulk)
+            worker.start()
+            time.sleep(1.0)  # the ingest is running
+            while not done.is_set():
+                loaded.append(ttft(base, args.answer_tokens))
+            worker.join()
+        finally:
+            child.stop(proc)
+    p95 = statistics.quantiles(loaded, n=20, method="inclusive")[-1] if len(loaded) > 1 else loaded[0]
+    idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
+    bulk_rate = bulk["tokens"] / bulk["wall"]
+    longest = max(lengths)
+    lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype}, load average at start "
+             f"{args.load_at_start:.1f}; command: `python scripts/bench_server.py {' '.join(sys.argv[1:])}`.", "",
+             "| measurement | tok/s or s |", "|---|---:|"]
+    for n in lengths:
+        lines.append(f"| ingest {n} tokens: in-process runtime | {n / ref[n]['ingest_s']:.0f} |")
+        lines.append(f"| ingest {n} tokens: through the server | {served[n][0]:.0f} |")
+    lines += [f"| Hugging Face bf16 prefill, 2048 tokens, in-process | {hf_rate:.0f} |",
+              f"| single-stream decode after {min(lengths, key=lambda n: abs(n - 8192))} tokens, through the server "
+              f"| {res['decode']:.1f} |",
+              f"| 1 streaming chat of {args.stream_tokens} tokens (aggregate) | {rates[0]:.1f} |",
+              f"| {args.streams} concurrent streaming chats (aggregate) | {rates[1]:.1f} |",
+              f"| TTFT idle, p50 s (5 chats) | {idle_p50:.3f} |",
+              f"| TTFT while another session ingests {args.load_tokens} tokens: p50 / p95 s ({len(loaded)} chats) "
+              f"| {loaded_p50:.3f} / {p95:.3f} |",
+              f"| that ingest's rate under the chats | {bulk_rate:.0f} |", "",
+              "| target | measured | met |", "|---|---|---|"]
+
+    def row(name: str, value: float, goal: float, unit: str = "x") -> None:
+        lines.append(f"| {name} | {value:.2f}{unit} | {'yes' if value >= goal else 'no'} |")
+
+    row(f"{args.streams} streams >= 4x one stream", rates[1] / rates[0], 4.0)
+    lines.append(f"| single-stream decode >= 28 tok/s (2 threads) | {res['decode']:.1f} tok/s "
+                 f"| {'yes' if res['decode'] >= 28 else 'no'} |")
+    lines.append(f"| TTFT under ingest p50 <= 3x idle | {loaded_p50 / idle_p50:.2f}x "
+                 f"| {'yes' if loaded_p50 <= 3 * idle_p50 else 'no'} |")
+    lines.append(f"| TTFT under ingest p95 <= 5x idle | {p95 / idle_p50:.2f}x "
+                 f"| {'yes' if p95 <= 5 * idle_p50 else 'no'} |")
+    row(f"ingest under chats >= 0.8x unloaded ({longest} tokens)", bulk_rate / served[longest][0], 0.8)
+    for n in lengths:
+        row(f"server ingest at {n} >= 0.9x in-process", served[n][0] / (n / ref[n]["ingest_s"]), 0.9)
+        row(f"server ingest at {n} >= 1.0x HF prefill at 2k", served[n][0] / hf_rate, 1.0)
+    text_out = "\n".join(lines) + "\n"
+    print(text_out)
+    if args.out:
+        Path(args.out).write_text(text_out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", default="1,4,16", help="comma-separated session counts")
@@ -189,7 +315,16 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=0, help="measure N concurrent streaming chats vs one instead")
     p.add_argument("--stream-tokens", type=int, default=32, help="completion tokens per streamed chat")
     p.add_argument("--stream-doc-tokens", type=int, default=300, help="document tokens per streaming session")
+    p.add_argument("--targets", action="store_true", help="the engine issue's rate targets in one run (see above)")
+    p.add_argument("--target-lengths", default="8192,65536", help="with --targets: ingest lengths")
+    p.add_argument("--load-tokens", type=int, default=131072, help="with --targets: the ingest under the chats")
+    p.add_argument("--out", help="with --targets: also write the table here")
     args = p.parse_args()
+    args.load_at_start = os.getloadavg()[0]
+    if args.targets:
+        args.streams = args.streams or 8
+        run_targets(args)
+        return
     if args.streams:
         run_streams(args)
         return

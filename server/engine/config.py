@@ -19,9 +19,11 @@ class EngineConfig:
     checkpoint_seconds: float = 60.0  # a long ingest saves its session at least this often
     # One engine step is one batched model pass (see server.engine.scheduler): generations first, at most
     # `step_tokens` tokens between them (each decoding session feeds one), then one ingest slice of at most
-    # `bulk_tokens_busy` tokens while generations run, else of at most `step_tokens` (a block at the default).
+    # `bulk_tokens_busy` tokens while generations run and for `bulk_linger_seconds` after one ran, else of at most
+    # `step_tokens` (a block at the default).
     step_tokens: int = 256
-    bulk_tokens_busy: int = 32
+    bulk_tokens_busy: int = 64
+    bulk_linger_seconds: float = 2.0
     max_logprobs: int = 20  # alternatives per token that logprobs / top_logprobs may ask for
     max_idempotency_keys: int = 256  # remembered per session (oldest forgotten first)
     queue_retry_after: int = 2  # seconds, sent with queue_full

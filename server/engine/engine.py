@@ -90,7 +90,8 @@ class Engine:
                               decode=self.decode, new_state=lambda mode: rt.new_state(mode=mode),
                               eos_ids=rt.eos_token_ids)
         self.stats = self.ctx.stats
-        self.scheduler = Scheduler(config.step_tokens, config.bulk_tokens_busy)  # worker thread only
+        # worker thread only
+        self.scheduler = Scheduler(config.step_tokens, config.bulk_tokens_busy, config.bulk_linger_seconds)
         self.executor = Executor(rt)
         self._cv = threading.Condition()
         self._inbox: deque[Job | _Call] = deque()  # from the event loop to the worker (under _cv)

@@ -55,6 +55,21 @@ def test_a_question_waits_behind_a_bounded_slice_of_ingest():
     assert decoder.left == question.left == 0
 
 
+def test_ingest_slices_stay_small_for_a_while_after_a_chat():
+    """After interactive work, bulk slices stay at `bulk_tokens_busy` for `linger_seconds`, so the next question
+    of a conversation waits behind a small slice, not a whole block; then the ingest gets whole steps again."""
+    now = [0.0]
+    sched = Scheduler(step_tokens=8, bulk_tokens_busy=2, linger_seconds=1.5, clock=lambda: now[0])
+    sched.run(FakeJob("I", [64], bulk=True))
+    assert step(sched) == [("I", 8)]
+    sched.run(FakeJob("Q", [1]))
+    assert step(sched) == [("Q", 1), ("I", 2)]
+    now[0] = 1.0
+    assert step(sched) == [("I", 2)]  # Q finished 1 s ago: still lingering
+    now[0] = 1.6
+    assert step(sched) == [("I", 8)]
+
+
 def test_prompts_beyond_the_budget_go_first_in_the_next_step():
     sched = Scheduler(step_tokens=4, bulk_tokens_busy=1)
     for name in ("P", "R", "S"):
