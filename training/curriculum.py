@@ -392,7 +392,8 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
     """Does the answer depend on the key in block 0? The answer loss and exact match per distance over `--keys`
     examples as they are, and with block 0's key sentence holding another key (the answer unchanged). A memory that
     retrieves: the swapped loss far above the true one; one that does not: the two equal (no gradient, bf16)."""
-    from training.finetune import autocast
+    from training.depth import text_tokens as depth_text_tokens
+    from training.finetune import autocast, init_from_adapter
 
     ap = argparse.ArgumentParser(prog="python -m training.curriculum keyswap")
     add_model_args(ap)
@@ -400,25 +401,32 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
     ap.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--keys", type=int, default=32)
     ap.add_argument("--key-digits", type=int, default=5, help="as train's (DistanceData.random_key)")
+    ap.add_argument("--adapter", type=Path, default=None, help="or an adapter file (a committed milestone)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rt, _, trainable, _ = build(args, "fam")
-    if args.ckpt is not None:
+    rt, base_fp, trainable, _ = build(args, "fam")
+    if args.adapter is not None:
+        init_from_adapter(rt.module, trainable, base_fp, argparse.Namespace(**vars(args), init_adapter=args.adapter))
+    elif args.ckpt is not None:
         c = torch.load(args.ckpt, weights_only=False, map_location=rt.device)
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(c["trainable"][n])
     module = rt.module
     module.eval()
+    # prose filler here is held out: the R manuals of the depth test, which no training run reads
+    prose = depth_text_tokens(rt.tokenizer) if args.filler == "prose" else None
     out = []
     for d in args.distances:
-        data = DistanceData(rt.tokenizer, args.block_size, args.seed + 1000 + d)
+        data = DistanceData(rt.tokenizer, args.block_size, args.seed + 1000 + d, prose)
         true, swapped = [], []
         for _ in range(args.keys):
             ex, sw = data.swapped_pair(d, args.filler, args.random_offset, args.key_digits)
             true.append(ex)
             swapped.append(sw)
-        rec: dict[str, Any] = {"distance": d, "keys": args.keys, "key_digits": args.key_digits, "ckpt": str(args.ckpt)}
+        rec: dict[str, Any] = {"distance": d, "tokens": len(true[0].tokens), "keys": args.keys,
+                               "key_digits": args.key_digits, "filler": args.filler,
+                               "weights": str(args.adapter or args.ckpt)}
         for name, exs in (("true", true), ("swapped", swapped)):
             tokens, weights = to_batch(exs)
             with torch.no_grad(), autocast(rt.device, args.amp):
@@ -436,7 +444,8 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
 
 
 def train(argv: list[str]) -> None:
-    from training.finetune import lora_weights, run_meta, save_checkpoint
+    from training.data import prose_tokens
+    from training.finetune import init_from_adapter, lora_weights, open_log, run_meta, save_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m training.curriculum train")
     add_model_args(ap)
@@ -451,12 +460,16 @@ def train(argv: list[str]) -> None:
     ap.add_argument("--key-digits", type=int, default=5,
                     help="digits of the key that vary (DistanceData.random_key): < 5 eases the task to fewer bits")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-adapter", type=Path, default=None,
+                    help="start from an adapter file's prompt and LoRA (e.g. a committed curriculum milestone) with a "
+                         "fresh optimizer and schedule; ignored when --resume finds a checkpoint")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.run.mkdir(parents=True, exist_ok=True)
     rt, base_fp, trainable, opt = build(args, "fam")
     rt.module.train()
-    data = DistanceData(rt.tokenizer, args.block_size, args.seed)
+    data = DistanceData(rt.tokenizer, args.block_size, args.seed,
+                        prose_tokens(rt.tokenizer, held_out=False) if args.filler == "prose" else None)
     sched = DistanceSchedule(tuple(args.stages), args.advance, args.window, args.p_current)
     ckpt = args.run / "ckpt.pt"
     step = 0
@@ -479,6 +492,9 @@ def train(argv: list[str]) -> None:
         data.rng.setstate(c["data_rng"])
         sched.load_state_dict(c["schedule"])
         meta = c["meta"] | {"resumed_with": "python -m training.curriculum train " + " ".join(sys.argv[2:])}
+    elif args.init_adapter is not None:
+        meta["initialised_from"] = {"adapter": str(args.init_adapter),
+                                    "step": init_from_adapter(rt.module, trainable, base_fp, args)}
     (args.run / "meta.json").write_text(json.dumps(meta, indent=1))
 
     def checkpoint_now() -> None:
@@ -487,7 +503,7 @@ def train(argv: list[str]) -> None:
                         schedule=sched.state_dict(), meta=meta,
                         lora={n: (a.cpu(), b.cpu()) for n, (a, b) in lora_weights(rt.module).items()})
 
-    log = (args.run / "log.jsonl").open("a")
+    log = open_log(args.run / "log.jsonl", step if args.resume and ckpt.is_file() else None)
     t_start = last_save = time.time()
     while step < args.steps and (time.time() - t_start) / 60 < args.minutes:
         t0 = time.time()

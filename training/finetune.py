@@ -288,6 +288,19 @@ def step_loss(module: torch.nn.Module, state: Any, tokens: torch.Tensor, weights
     return state, ce + args.distill * kl, ce, kl, correct
 
 
+def open_log(path: Path, resumed_step: int | None) -> Any:
+    """The run's log for appending. A run resumed from a checkpoint at `resumed_step` drops the lines of later steps
+    first: the run that died after its last checkpoint wrote them, and the resumed run writes those steps again."""
+    if resumed_step is not None and path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+    return path.open("a")
+
+
 def save_checkpoint(path: Path, **obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    log = (run / "log.jsonl").open("a")
+    log = open_log(run / "log.jsonl", step if args.resume and ckpt.is_file() else None)
     t_start = last_save = time.time()
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.mode} training", dynamic_ncols=True)
     while step < args.steps and (time.time() - t_start) / 60 < args.minutes:

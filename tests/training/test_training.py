@@ -388,6 +388,22 @@ def test_finetune_runs_and_resumes_on_the_cpu(tmp_path):
     assert meta["lora"]["layers_from"] == 12 and "resumed_with" in meta
 
 
+def test_a_resumed_run_drops_the_log_lines_after_its_checkpoint(tmp_path):
+    """A run that died after its last checkpoint logged steps the resumed run logs again: they go, the rest stays;
+    a run that does not resume leaves an existing log alone."""
+    import json
+
+    from training.finetune import open_log
+
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 6)))
+    open_log(path, None).close()
+    assert len(path.read_text().splitlines()) == 5
+    with open_log(path, 3) as log:
+        log.write(json.dumps({"step": 4, "loss": 0.5}) + "\n")
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_lora_layout_follows_what_the_run_continues(tmp_path):
     """A fresh run puts LoRA on the layers >= 12; --init-adapter from the shipped adapter (LoRA on every layer, written
     before the layout was recorded) and --resume keep the layout they continue."""
