@@ -90,18 +90,25 @@ class DistanceData:
         return head + head[-1] * (5 - varying)
 
     def example(self, distance: int, key: str | None = None, filler: str = "standard",
-                random_offset: bool = False) -> Example:
+                random_offset: bool = False, pre: int = 0) -> Example:
         """Block 0 holds the prefix and the key sentence (at a random offset inside the block with
         `random_offset`), blocks 1..distance-1 filler, then the question and the answer in block `distance`.
+        With `pre` > 0 the key sentence moves to block `pre` (block 0: the prefix and filler, then filler blocks):
+        the key is then written into a state that filler has already updated, as in PassKey at a random depth;
+        `distance` still counts the blocks from the key's to the question's.
         Weights: 1 on the positions that predict the answer's digits, 0 elsewhere."""
-        if distance < 1:
-            raise ValueError(f"distance must be >= 1 block, got {distance}")
+        if distance < 1 or pre < 0:
+            raise ValueError(f"distance must be >= 1 block and pre >= 0, got {distance} and {pre}")
         key = self.random_key() if key is None else key
         info, answer = self.info(key), self.enc(f" {key}")
-        room = self.B - len(self.prefix) - len(info)
+        head = self.prefix if pre == 0 else []
+        room = self.B - len(head) - len(info)
         before = self.rng.randint(0, room) if random_offset else 0
-        block0 = self.prefix + self.filler(filler, before) + info + self.filler(filler, room - before)
-        tokens = block0 + self.filler(filler, (distance - 1) * self.B) + self.question + answer
+        key_block = head + self.filler(filler, before) + info + self.filler(filler, room - before)
+        lead = []
+        if pre:  # block 0: the prefix and filler; then pre - 1 filler blocks
+            lead = self.prefix + self.filler(filler, pre * self.B - len(self.prefix))
+        tokens = lead + key_block + self.filler(filler, (distance - 1) * self.B) + self.question + answer
         # SmolLM2 tokenizes ' 71432' as ' ', 7, 1, 4, 3, 2: the loss is on the digits
         digits = [i for i, t in enumerate(answer) if t in self.digit_ids]
         n = len(tokens)
@@ -110,8 +117,8 @@ class DistanceData:
             weights[n - len(answer) + i - 1] = 1.0  # the weight at position p scores the prediction of token p+1
         return Example(f"passkey_{filler}", tokens, weights, [answer[i] for i in digits], float(distance))
 
-    def swapped_pair(self, distance: int, filler: str = "standard", random_offset: bool = False, varying: int = 5
-                     ) -> tuple[Example, Example]:
+    def swapped_pair(self, distance: int, filler: str = "standard", random_offset: bool = False, varying: int = 5,
+                     pre: int = 0) -> tuple[Example, Example]:
         """Two examples identical but for the key sentence in block 0: the second holds another key, while its
         question is still answered with the first's key (weights alike)."""
         key = self.random_key(varying)
@@ -119,9 +126,9 @@ class DistanceData:
         while other == key:
             other = self.random_key(varying)
         state = self.rng.getstate()
-        ex = self.example(distance, key, filler, random_offset)
+        ex = self.example(distance, key, filler, random_offset, pre)
         self.rng.setstate(state)
-        sw = self.example(distance, other, filler, random_offset)
+        sw = self.example(distance, other, filler, random_offset, pre)
         n_q = len(self.question) + len(self.enc(f" {key}"))
         sw.tokens[-n_q:] = ex.tokens[-n_q:]
         sw.answer = ex.answer
@@ -402,6 +409,7 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
     ap.add_argument("--keys", type=int, default=32)
     ap.add_argument("--key-digits", type=int, default=5, help="as train's (DistanceData.random_key)")
     ap.add_argument("--adapter", type=Path, default=None, help="or an adapter file (a committed milestone)")
+    ap.add_argument("--pre", type=int, default=0, help="filler blocks before the key's block (DistanceData.example)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rt, base_fp, trainable, _ = build(args, "fam")
@@ -421,10 +429,10 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
         data = DistanceData(rt.tokenizer, args.block_size, args.seed + 1000 + d, prose)
         true, swapped = [], []
         for _ in range(args.keys):
-            ex, sw = data.swapped_pair(d, args.filler, args.random_offset, args.key_digits)
+            ex, sw = data.swapped_pair(d, args.filler, args.random_offset, args.key_digits, args.pre)
             true.append(ex)
             swapped.append(sw)
-        rec: dict[str, Any] = {"distance": d, "tokens": len(true[0].tokens), "keys": args.keys,
+        rec: dict[str, Any] = {"distance": d, "pre": args.pre, "tokens": len(true[0].tokens), "keys": args.keys,
                                "key_digits": args.key_digits, "filler": args.filler,
                                "weights": str(args.adapter or args.ckpt)}
         for name, exs in (("true", true), ("swapped", swapped)):
@@ -459,6 +467,8 @@ def train(argv: list[str]) -> None:
     ap.add_argument("--save-minutes", type=float, default=4.0)
     ap.add_argument("--key-digits", type=int, default=5,
                     help="digits of the key that vary (DistanceData.random_key): < 5 eases the task to fewer bits")
+    ap.add_argument("--pre-max", type=int, default=0,
+                    help="each batch puts the key after a uniform 0..pre-max filler blocks (DistanceData.example)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-adapter", type=Path, default=None,
                     help="start from an adapter file's prompt and LoRA (e.g. a committed curriculum milestone) with a "
@@ -481,7 +491,8 @@ def train(argv: list[str]) -> None:
     meta["data_recipe"] = {"curriculum": "passkey distance", "stages": args.stages, "advance": args.advance,
                            "window": args.window, "p_current": args.p_current, "filler": args.filler,
                            "loss": "answer digits only", "memory_blocks": 0, "rsp": False, "rpo": False,
-                           "batch": args.batch, "random_offset": args.random_offset, "key_digits": args.key_digits}
+                           "batch": args.batch, "random_offset": args.random_offset, "key_digits": args.key_digits,
+                           "pre_max": args.pre_max}
     if args.resume and ckpt.is_file():
         c = torch.load(ckpt, weights_only=False, map_location=rt.device)
         with torch.no_grad():
@@ -508,12 +519,13 @@ def train(argv: list[str]) -> None:
     while step < args.steps and (time.time() - t_start) / 60 < args.minutes:
         t0 = time.time()
         d = sched.draw(data.rng)
-        tokens, weights = to_batch([data.example(d, data.random_key(args.key_digits), args.filler, args.random_offset)
-                                    for _ in range(args.batch)])
+        pre = data.rng.randint(0, args.pre_max) if args.pre_max else 0
+        tokens, weights = to_batch([data.example(d, data.random_key(args.key_digits), args.filler, args.random_offset,
+                                                 pre) for _ in range(args.batch)])
         loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step)
         step += 1
         advanced = sched.record(d, exact, step)
-        rec = {"step": step, "distance": d, "max_distance": sched.current, "loss": round(loss, 4),
+        rec = {"step": step, "distance": d, "pre": pre, "max_distance": sched.current, "loss": round(loss, 4),
                "em": sum(exact) / len(exact), "grad_norm": round(gn, 4), "seconds": round(time.time() - t0, 2),
                "time": round(time.time(), 1)}
         if advanced:

@@ -193,15 +193,21 @@ def teacher_logprobs(module: torch.nn.Module, tokens: torch.Tensor, topk: int = 
 def init_from_adapter(module: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], base_fp: str,
                       args: argparse.Namespace) -> int:
     """Copy an adapter file's prompt and LoRA A/B into the injected LoRA layers; returns the adapter's step. The
-    adapter must match the base model, the FAM layout and the LoRA layout of this run."""
+    adapter must match the base model, the FAM layout (its block size and window may differ) and the LoRA layout of
+    this run."""
     from model.adapter import load_adapter
 
     adapter = load_adapter(args.init_adapter, "")
     problems = []
     if adapter.meta.get("base_model_fingerprint") != base_fp:
         problems.append(f"base model fingerprint {adapter.meta.get('base_model_fingerprint')} != {base_fp}")
-    if adapter.fam_config() != module.fam_cfg:
-        problems.append(f"FAM layout {adapter.fam_config()} != {module.fam_cfg}")
+    # the block size and the window are the run's choice (a curriculum grows them); the rest is what the weights mean
+    theirs, ours = adapter.fam_config(), module.fam_cfg
+    if theirs.replace(block_size=ours.block_size, memory_blocks=ours.memory_blocks) != ours:
+        problems.append(f"FAM layout {theirs} != {ours}")
+    elif theirs != ours:
+        print(f"starting from {args.init_adapter} (block size {theirs.block_size}, {theirs.memory_blocks} memory "
+              f"blocks) with block size {ours.block_size}, {ours.memory_blocks} memory blocks", file=sys.stderr)
     lora = adapter.meta.get("lora", {})
     if (lora.get("r"), float(lora.get("alpha", 0))) != (args.lora_r, float(args.lora_alpha)):
         problems.append(f"LoRA r/alpha {lora.get('r')}/{lora.get('alpha')} != {args.lora_r}/{args.lora_alpha}")
@@ -403,10 +409,13 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
 
 
-def export_adapter(ckpt_path: Path, out: Path, init_prompt: torch.Tensor | None = None) -> dict[str, Any]:
+def export_adapter(ckpt_path: Path, out: Path, init_prompt: torch.Tensor | None = None,
+                   layout: dict[str, int] | None = None) -> dict[str, Any]:
     """Write the adapter file (weights only) from a training checkpoint; returns its meta.
 
-    A BSWA run has no trained prompt: pass the model's initial prompt (`init_prompt`) to store it instead."""
+    A BSWA run has no trained prompt: pass the model's initial prompt (`init_prompt`) to store it instead.
+    `layout` (block_size, memory_blocks) ships the weights at another block size or window than they were trained
+    at; the meta keeps the trained one under `trained_fam_config`."""
     from model.adapter import save_adapter
 
     c = torch.load(ckpt_path, weights_only=False, map_location="cpu")
@@ -414,6 +423,12 @@ def export_adapter(ckpt_path: Path, out: Path, init_prompt: torch.Tensor | None 
     # mode: restore the default so that the adapter's layout can be switched to sink mode
     fam = {k: v for k, v in c["meta"]["fam_config"].items() if not (k == "sink_tokens" and v == 0)}
     c["meta"]["fam_config"] = asdict(FamConfig(**fam))
+    if layout:
+        bad = set(layout) - {"block_size", "memory_blocks"}
+        if bad:
+            raise ValueError(f"only the block size and the window can change at export, not {sorted(bad)}")
+        c["meta"]["trained_fam_config"] = c["meta"]["fam_config"]
+        c["meta"]["fam_config"] = asdict(FamConfig(**fam).replace(**layout))
     prompt = c["trainable"].get("fam_prompt", init_prompt)
     if prompt is None:
         raise ValueError(f"{ckpt_path} has no trained FAM prompt: pass the initial prompt")

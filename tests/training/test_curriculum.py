@@ -40,6 +40,23 @@ def test_example_layout(tokenizer, distance, offset):
     assert scored[-1] == len(ex.tokens) - 2
 
 
+@pytest.mark.parametrize("pre", [1, 3])
+def test_example_with_filler_blocks_before_the_key(tokenizer, pre):
+    """`pre`: block 0 holds the prefix and filler, the key sentence sits in block `pre`, the question `distance`
+    blocks after it; the same key in a swapped pair's two examples is all that differs."""
+    data = DistanceData(tokenizer, B, seed=pre)
+    ex = data.example(2, "71432", pre=pre)
+    n_q = len(data.question) + len(data.enc(" 71432"))
+    assert len(ex.tokens) == (pre + 2) * B + n_q
+    assert tokenizer.decode(ex.tokens[:len(data.prefix)]) == tokenizer.decode(data.prefix)
+    assert "71432" not in tokenizer.decode(ex.tokens[:pre * B])
+    assert "The pass key is 71432." in tokenizer.decode(ex.tokens[pre * B:(pre + 1) * B])
+    assert "71432" not in tokenizer.decode(ex.tokens[(pre + 1) * B:-n_q])
+    true, swapped = data.swapped_pair(2, pre=pre)
+    differ = [i for i, (a, b) in enumerate(zip(true.tokens, swapped.tokens, strict=True)) if a != b]
+    assert differ and pre * B <= min(differ) and max(differ) < (pre + 1) * B
+
+
 def test_fixed_key_and_batches(tokenizer):
     data = DistanceData(tokenizer, B, seed=0)
     a, b = data.example(2, "71432"), data.example(2, "71432")

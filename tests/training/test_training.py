@@ -156,6 +156,14 @@ def test_export_round_trip(tmp_path):
         _, h_trained = trained.ingest(trained.new_state(), tokens)
         _, h_applied = base.ingest(base.new_state(), tokens)
     torch.testing.assert_close(h_applied, h_trained, rtol=1e-4, atol=1e-4)
+    # shipped at another block size and window: the layout changes, the meta keeps the trained one
+    wide = export_adapter(ckpt, tmp_path / "b.safetensors",
+                          layout={"block_size": 2 * SETUP.block_size, "memory_blocks": 2})
+    got = load_adapter(tmp_path / "b.safetensors", "tiny").fam_config()
+    assert (got.block_size, got.memory_blocks) == (2 * SETUP.block_size, 2)
+    assert wide["trained_fam_config"]["block_size"] == SETUP.block_size
+    with pytest.raises(ValueError, match="only the block size"):
+        export_adapter(ckpt, tmp_path / "c.safetensors", layout={"fam_len": 8})
 
 
 def test_distillation_loss():
@@ -224,8 +232,8 @@ def test_tiny_passkey_fam_beats_bswa_past_the_window():
 
 
 def test_training_can_start_from_an_adapter_file(tmp_path):
-    """--init-adapter: the prompt and LoRA weights of an exported adapter come back into a fresh run, and an
-    adapter of another LoRA layout is refused."""
+    """--init-adapter: the prompt and LoRA weights of an exported adapter come back into a fresh run, also with
+    another block size and window; an adapter of another LoRA or FAM layout is refused."""
     from types import SimpleNamespace
 
     from peft import LoraConfig, inject_adapter_in_model
@@ -256,6 +264,13 @@ def test_training_can_start_from_an_adapter_file(tmp_path):
     with pytest.raises(ValueError, match="LoRA r/alpha"):
         init_from_adapter(fresh, trainable, fingerprint, SimpleNamespace(init_adapter=args.init_adapter, lora_r=8,
                                                                          lora_alpha=16))
+    # another block size and window: the weights carry over (a curriculum grows them); another F does not
+    cfg = trained.fam_cfg
+    fresh.fam_cfg = cfg.replace(block_size=cfg.block_size * 2, memory_blocks=cfg.memory_blocks + 1)
+    assert init_from_adapter(fresh, trainable, fingerprint, args) == 12
+    fresh.fam_cfg = cfg.replace(fam_update_from=cfg.fam_update_from + 1)
+    with pytest.raises(ValueError, match="FAM layout"):
+        init_from_adapter(fresh, trainable, fingerprint, args)
 
 
 # ------------------------------------------------------------------------------------------------------------------
