@@ -74,6 +74,7 @@ def worker(spec: dict) -> dict:
                 out["decode_s"] = time.perf_counter() - t
             out["block"] = [rt.fam_config.block_size, rt.fam_config.memory_blocks, rt.fam_config.fam_len]
             out["nonemb_params"] = rt.module.arch.non_embedding_params()
+            out["lm_head_params"] = rt.module.lm_head.weight.numel()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

@@ -4,6 +4,12 @@ It runs the works of one engine step as one batched pass (`FamRuntime.forward_ma
 rows of every work at once, attention per session over its own cache, so sessions at any fill of their block
 share the pass), then one `lm_head` over the rows whose logits were asked for. If the batched pass raises, each
 work runs alone, so that a failure stays with the work that caused it.
+
+A pass with interactive work (decode, prompts) or with few rows runs on one torch thread, a bulk one (ingest
+slices) on all of them: a small pass is a chain of tiny kernels, where the threads of a pool wait on each other at
+every op, and while answers stream the event loop's thread takes a core besides. Measured through the server on 2
+cores (scripts/bench_server.py --targets): single-stream decode 12.5 tok/s with two threads, 28-33 with one,
+while ingest alone gains from two.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ from server.engine.work import Output, Work
 log = logging.getLogger(__name__)
 
 
+# Passes with fewer rows than this, or with any work that wants logits, run on one thread (see the docstring).
+SMALL_PASS_ROWS = 64
+
+
 class Executor:
     def __init__(self, rt: FamRuntime):
         self.rt = rt
+        self.threads = torch.get_num_threads()  # the pool size the server was started with
 
     def run(self, works: list[Work]) -> list[Output | Exception]:
         try:
@@ -39,6 +50,9 @@ class Executor:
             return e
 
     def _pass(self, works: list[Work]) -> list[Output]:
+        rows = sum(len(w.tokens) for w in works)
+        interactive = any(w.logits != "none" for w in works)
+        torch.set_num_threads(1 if rows < SMALL_PASS_ROWS or interactive else self.threads)
         results = self.rt.forward_many([w.state for w in works], [w.tokens for w in works])
         rows = [h[-1:] if w.logits == "last" else h for w, (_, h) in zip(works, results, strict=True)
                 if w.logits != "none"]

@@ -12,7 +12,8 @@ now, at most to the end of its current block):
   job asks for one token, so every generating session advances one token per step (continuous batching); a prompt
   asks for a chunk. When the budget runs out, the jobs left over go first in the next step.
 - then one bulk job (ingest), round robin, gets at most `bulk_tokens_busy` tokens if any interactive job was
-  planned in this step or in the last `linger_seconds`, else at most `step_tokens`.
+  planned in this step or in the last `linger_seconds`, else at most `step_tokens`; but nothing in a step that
+  carries a prompt (an interactive demand of more than one token), so a question's first token waits for no ingest.
 
 So a question's prompt and tokens wait behind at most `bulk_tokens_busy` tokens of ingest per step once it is
 running, and ingests never starve. A question arriving while no interactive work runs waits for the step in
@@ -107,7 +108,7 @@ class Scheduler:
             plan.append((job, n))
             budget -= n
         self._interactive.rotate(-len(plan))  # the jobs left out go first next time
-        if self._bulk:
+        if self._bulk and not any(n > 1 for _, n in plan):  # a prompt's step carries no ingest: its first token
             now = self._clock()
             if plan:
                 self._busy_until = now + self.linger_seconds

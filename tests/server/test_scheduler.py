@@ -43,14 +43,14 @@ def test_a_question_waits_behind_a_bounded_slice_of_ingest():
     assert [step(sched), step(sched)] == [[("A", 8)], [("B", 8)]]  # alone, an ingest gets the whole step
     question = FakeJob("Q", [11, 1, 1, 1])  # an 11-token prompt, then three sampled tokens fed back
     sched.run(question)
-    assert step(sched) == [("Q", 8), ("A", 2)]  # the prompt takes the step; the ingests shrink to 2 tokens
-    assert step(sched) == [("Q", 3), ("B", 2)]
+    assert step(sched) == [("Q", 8)]  # a prompt's step carries no ingest
+    assert step(sched) == [("Q", 3)]
+    assert step(sched) == [("Q", 1), ("A", 2)]  # decoding: the ingests ride along, shrunk to 2 tokens
     sched.run(decoder := FakeJob("D", [1, 1]))  # a second generation joins the batch
-    assert [step(sched), step(sched), step(sched), step(sched)] == [
-        [("Q", 1), ("D", 1), ("A", 2)],
+    assert [step(sched), step(sched), step(sched)] == [
         [("Q", 1), ("D", 1), ("B", 2)],
-        [("Q", 1), ("A", 2)],  # D finished and left the batch
-        [("B", 4)],  # nothing interactive: an ingest gets the whole step again (here: the rest of its block)
+        [("Q", 1), ("D", 1), ("A", 2)],  # both finish
+        [("B", 6)],  # nothing interactive: an ingest gets the whole step again (here: the rest of its block)
     ]
     assert decoder.left == question.left == 0
 
@@ -75,8 +75,8 @@ def test_prompts_beyond_the_budget_go_first_in_the_next_step():
     for name in ("P", "R", "S"):
         sched.run(FakeJob(name, [3]))
     sched.run(FakeJob("I", [10], bulk=True))
-    assert step(sched) == [("P", 3), ("R", 1), ("I", 1)]
-    assert step(sched) == [("S", 3), ("R", 1), ("I", 1)]
+    assert step(sched) == [("P", 3), ("R", 1)]
+    assert step(sched) == [("S", 3), ("R", 1)]
     assert step(sched) == [("R", 1), ("I", 1)]
     assert step(sched) == [("I", 4)]
 
