@@ -432,7 +432,8 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
             ex, sw = data.swapped_pair(d, args.filler, args.random_offset, args.key_digits, args.pre)
             true.append(ex)
             swapped.append(sw)
-        rec: dict[str, Any] = {"distance": d, "pre": args.pre, "tokens": len(true[0].tokens), "keys": args.keys,
+        rec: dict[str, Any] = {"block_size": args.block_size, "distance": d, "pre": args.pre,
+                               "tokens": len(true[0].tokens), "keys": args.keys,
                                "key_digits": args.key_digits, "filler": args.filler,
                                "weights": str(args.adapter or args.ckpt)}
         for name, exs in (("true", true), ("swapped", swapped)):
