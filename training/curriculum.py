@@ -47,6 +47,9 @@ from model.state import FamState
 from training.data import PASSKEY_PREFIX, PASSKEY_QUESTION, STANDARD_FILLER, Example
 
 DEFAULT_STAGES = (1, 2, 4, 8, 16)
+# A batch of this many tokens or more runs with per-block activation checkpointing even without --checkpoint: 8 x
+# 4,112 tokens (d = 64 at B = 64) without it took more than the 24 GB of the build machine and was OOM-killed.
+AUTO_CHECKPOINT_TOKENS = 8192
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -253,7 +256,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--checkpoint", action="store_true", help="per-block activation checkpointing")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help=f"per-block activation checkpointing (always on for batches of >= {AUTO_CHECKPOINT_TOKENS} "
+                         "tokens)")
     ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -290,7 +295,8 @@ def train_step(rt: Any, trainable: dict[str, torch.nn.Parameter], opt: torch.opt
     state = module.new_state(batch=tokens.shape[0])
     with autocast(rt.device, args.amp):
         _, loss, exact = answer_loss(module, state, tokens.to(rt.device), weights.to(rt.device), detach_fam,
-                                     args.checkpoint, grad_from(module, trainable))
+                                     args.checkpoint or tokens.numel() >= AUTO_CHECKPOINT_TOKENS,
+                                     grad_from(module, trainable))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
