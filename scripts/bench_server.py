@@ -41,10 +41,9 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_model import run as in_process  # scripts/: one bench_model measurement in its own process
 
 from server import child
-
-ROOT = Path(__file__).resolve().parents[1]
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 WORDS = ("river stone market window evening garden letter winter harbour candle mountain teacher story "
@@ -153,30 +152,37 @@ def stream_chat(base: str, sid: str, max_tokens: int) -> tuple[float, float, int
     return first, time.perf_counter() - start, tokens
 
 
+def stream_sessions(base: str, n: int, doc_tokens: int) -> list[str]:
+    """n sessions holding documents of different lengths (doc_tokens + 37 i tokens): blocks at different fills."""
+    sids = [httpx.post(f"{base}/v1/sessions").json()["id"] for _ in range(n)]
+    for i, sid in enumerate(sids):
+        timed_ingest(base, sid, document(base, doc_tokens + 37 * i, i))
+    return sids
+
+
+def concurrent_chats(base: str, sids: list[str], max_tokens: int) -> tuple[list[tuple[float, float, int]], float]:
+    """One streamed chat on each session, all at once -> (each chat's `stream_chat` result, wall seconds)."""
+    results: list[tuple[float, float, int]] = []
+    threads = [threading.Thread(target=lambda sid=sid: results.append(stream_chat(base, sid, max_tokens)))
+               for sid in sids]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
 def run_streams(args: argparse.Namespace) -> None:
     n = args.streams
     with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
         proc, base = start_server(args, data_dir)
         try:
-            sids = [httpx.post(f"{base}/v1/sessions").json()["id"] for _ in range(n)]
-            for i, sid in enumerate(sids):  # documents of different lengths: blocks at different fills
-                text = document(base, args.stream_doc_tokens + 37 * i, i)
-                httpx.post(f"{base}/v1/sessions/{sid}/ingest", json={"text": text}, timeout=3600).raise_for_status()
+            sids = stream_sessions(base, n, args.stream_doc_tokens)
             stream_chat(base, sids[0], 4)  # warm-up
             rows = []
             for k in (1, n):
-                results: list[tuple[float, float, int]] = []
-
-                def one(sid: str, out: list[tuple[float, float, int]] = results) -> None:
-                    out.append(stream_chat(base, sid, args.stream_tokens))
-
-                threads = [threading.Thread(target=one, args=(sid,)) for sid in sids[:k]]
-                start = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - start
+                results, wall = concurrent_chats(base, sids[:k], args.stream_tokens)
                 tokens = sum(r[2] for r in results)
                 rows.append((k, tokens / wall, statistics.median(r[0] for r in results), wall, tokens))
         finally:
@@ -187,15 +193,6 @@ def run_streams(args: argparse.Namespace) -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for k, rate, first, wall, tokens in rows:
         print(f"| {k} | {rate:.1f} | {rate / rows[0][1]:.2f}x | {first:.2f} | {wall:.1f} | {tokens} |")
-
-
-def in_process(spec: dict) -> dict:
-    """One `scripts/bench_model.py` worker (its own process): {kind: fam|hf, dtype, n, decode, threads}."""
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_model.py"), "--worker", json.dumps(spec)],
-                       capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"worker {spec} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def memory_bandwidth(threads: int) -> float:
@@ -222,7 +219,7 @@ def timed_ingest(base: str, sid: str, text: str) -> tuple[int, float]:
 def run_targets(args: argparse.Namespace) -> None:
     threads = args.threads or os.cpu_count() or 1
     lengths = [int(n) for n in args.target_lengths.split(",")]
-    res: dict = {}
+    n8k = min(lengths, key=lambda n: abs(n - 8192))  # the decode measurement's document
     with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
         proc, base = start_server(argparse.Namespace(**{**vars(args), "threads": threads}), data_dir)
         try:
@@ -235,7 +232,7 @@ def run_targets(args: argparse.Namespace) -> None:
             hf_rate = 2048 / hf["ingest_s"]
             bandwidth = memory_bandwidth(threads)
             # a decoded token reads every weight once (bf16: 2 bytes; the lm_head included) and the whole state
-            r8k = ref[min(lengths, key=lambda n: abs(n - 8192))]
+            r8k = ref[n8k]
             token_bytes = 2 * (r8k["nonemb_params"] + r8k["lm_head_params"]) + r8k["state_bytes"]
             warm = new()  # first ingest and chat: allocator pools, workspaces
             timed_ingest(base, warm, document(base, 600, 98))
@@ -246,24 +243,13 @@ def run_targets(args: argparse.Namespace) -> None:
                 sid = new()
                 tokens, wall = timed_ingest(base, sid, document(base, n, n))
                 served[n] = (tokens / wall, sid)
-            sid8k = served[min(lengths, key=lambda n: abs(n - 8192))][1]
-            first, total, tokens = stream_chat(base, sid8k, args.stream_tokens)
-            res["decode"] = (tokens - 1) / (total - first)
-            sids = [new() for _ in range(args.streams)]
-            for i, sid in enumerate(sids):  # documents of different lengths: blocks at different fills
-                timed_ingest(base, sid, document(base, args.stream_doc_tokens + 37 * i, i))
+            first, total, tokens = stream_chat(base, served[n8k][1], args.stream_tokens)
+            decode = (tokens - 1) / (total - first)
+            sids = stream_sessions(base, args.streams, args.stream_doc_tokens)
             rates = []
             for k in (1, args.streams):
-                out: list[tuple[float, float, int]] = []
-                threads_k = [threading.Thread(target=lambda sid=sid, out=out: out.append(
-                    stream_chat(base, sid, args.stream_tokens))) for sid in sids[:k]]
-                start = time.perf_counter()
-                for t in threads_k:
-                    t.start()
-                for t in threads_k:
-                    t.join()
-                rates.append(sum(r[2] for r in out) / (time.perf_counter() - start))
-            res["streams"] = rates
+                results, wall = concurrent_chats(base, sids[:k], args.stream_tokens)
+                rates.append(sum(r[2] for r in results) / wall)
             loaded: list[float] = []
             done = threading.Event()
             bulk: dict = {}
@@ -294,8 +280,7 @@ def run_targets(args: argparse.Namespace) -> None:
         lines.append(f"| ingest {n} tokens: in-process runtime ({mode}) | {n / ref[n]['ingest_s']:.0f} |")
         lines.append(f"| ingest {n} tokens: through the server | {served[n][0]:.0f} |")
     lines += [f"| Hugging Face bf16 prefill, 2048 tokens, in-process | {hf_rate:.0f} |",
-              f"| single-stream decode after {min(lengths, key=lambda n: abs(n - 8192))} tokens, through the server "
-              f"| {res['decode']:.1f} |",
+              f"| single-stream decode after {n8k} tokens, through the server | {decode:.1f} |",
               f"| memory read rate, GB/s (sum of a 1 GiB tensor, {threads} thread(s)) | {bandwidth / 1e9:.1f} |",
               f"| decode roofline: that rate / {token_bytes / 1e6:.0f} MB read per token (weights + state), tok/s "
               f"| {bandwidth / token_bytes:.1f} |",
@@ -311,9 +296,9 @@ def run_targets(args: argparse.Namespace) -> None:
         lines.append(f"| {name} | {value:.2f}{unit} | {'yes' if value >= goal else 'no'} |")
 
     row(f"{args.streams} streams >= 4x one stream", rates[1] / rates[0], 4.0)
-    lines.append(f"| single-stream decode >= 28 tok/s (2 threads) | {res['decode']:.1f} tok/s = "
-                 f"{100 * res['decode'] * token_bytes / bandwidth:.0f}% of the roofline "
-                 f"| {'yes' if res['decode'] >= 28 else 'no'} |")
+    lines.append(f"| single-stream decode >= 28 tok/s (2 threads) | {decode:.1f} tok/s = "
+                 f"{100 * decode * token_bytes / bandwidth:.0f}% of the roofline "
+                 f"| {'yes' if decode >= 28 else 'no'} |")
     lines.append(f"| TTFT under ingest p50 <= 3x idle | {loaded_p50 / idle_p50:.2f}x "
                  f"| {'yes' if loaded_p50 <= 3 * idle_p50 else 'no'} |")
     lines.append(f"| TTFT under ingest p95 <= 5x idle | {p95 / idle_p50:.2f}x "
