@@ -50,9 +50,8 @@ class Executor:
             return e
 
     def _pass(self, works: list[Work]) -> list[Output]:
-        rows = sum(len(w.tokens) for w in works)
-        interactive = any(w.logits != "none" for w in works)
-        torch.set_num_threads(1 if rows < SMALL_PASS_ROWS or interactive else self.threads)
+        small = sum(len(w.tokens) for w in works) < SMALL_PASS_ROWS
+        torch.set_num_threads(1 if small or any(w.logits != "none" for w in works) else self.threads)
         results = self.rt.forward_many([w.state for w in works], [w.tokens for w in works])
         rows = [h[-1:] if w.logits == "last" else h for w, (_, h) in zip(works, results, strict=True)
                 if w.logits != "none"]

@@ -15,10 +15,11 @@ now, at most to the end of its current block):
   planned in this step or in the last `linger_seconds`, else at most `step_tokens`; but nothing in a step that
   carries a prompt (an interactive demand of more than one token), so a question's first token waits for no ingest.
 
-So a question's prompt and tokens wait behind at most `bulk_tokens_busy` tokens of ingest per step once it is
-running, and ingests never starve. A question arriving while no interactive work runs waits for the step in
-flight: a whole block of ingest after a quiet spell, but only a `bulk_tokens_busy` slice while chats come and go
-(the linger), at a small cost to the ingest (measured in the README's engine benchmark).
+So a question's prompt waits for no ingest and its tokens behind at most `bulk_tokens_busy` tokens per step, and
+an ingest advances in every step without a prompt (only prompts arriving in every step would hold it back). A
+question arriving while no interactive work runs waits for the step in flight: a whole block of ingest after a
+quiet spell, but only a `bulk_tokens_busy` slice while chats come and go (the linger), at a small cost to the
+ingest (measured in the README's engine benchmark).
 """
 
 from __future__ import annotations
@@ -108,11 +109,10 @@ class Scheduler:
             plan.append((job, n))
             budget -= n
         self._interactive.rotate(-len(plan))  # the jobs left out go first next time
+        if plan:
+            self._busy_until = self._clock() + self.linger_seconds
         if self._bulk and not any(n > 1 for _, n in plan):  # a prompt's step carries no ingest: its first token
-            now = self._clock()
-            if plan:
-                self._busy_until = now + self.linger_seconds
-            busy = bool(plan) or now < self._busy_until
+            busy = bool(plan) or self._clock() < self._busy_until
             job = self._bulk[0]
             plan.append((job, min(job.demand(), self.bulk_tokens_busy if busy else self.step_tokens)))
             self._bulk.rotate(-1)

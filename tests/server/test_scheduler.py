@@ -60,7 +60,7 @@ def test_ingest_slices_stay_small_for_a_while_after_a_chat():
     of a conversation waits behind a small slice, not a whole block; then the ingest gets whole steps again."""
     now = [0.0]
     sched = Scheduler(step_tokens=8, bulk_tokens_busy=2, linger_seconds=1.5, clock=lambda: now[0])
-    sched.run(FakeJob("I", [64], bulk=True))
+    sched.run(ingest := FakeJob("I", [64], bulk=True))
     assert step(sched) == [("I", 8)]
     sched.run(FakeJob("Q", [1]))
     assert step(sched) == [("Q", 1), ("I", 2)]
@@ -68,6 +68,12 @@ def test_ingest_slices_stay_small_for_a_while_after_a_chat():
     assert step(sched) == [("I", 2)]  # Q finished 1 s ago: still lingering
     now[0] = 1.6
     assert step(sched) == [("I", 8)]
+    sched.run(FakeJob("R", [1]))  # a chat while no ingest waits starts the linger too
+    sched.remove(ingest)
+    assert step(sched) == [("R", 1)]
+    sched.run(ingest)
+    now[0] = 2.0
+    assert step(sched) == [("I", 2)]
 
 
 def test_prompts_beyond_the_budget_go_first_in_the_next_step():
