@@ -414,13 +414,14 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
     ap.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--keys", type=int, default=32)
     ap.add_argument("--key-digits", type=int, default=5, help="as train's (DistanceData.random_key)")
-    ap.add_argument("--adapter", type=Path, default=None, help="or an adapter file (a committed milestone)")
+    ap.add_argument("--adapter", dest="init_adapter", type=Path, default=None,
+                    help="or an adapter file (a committed milestone)")
     ap.add_argument("--pre", type=int, default=0, help="filler blocks before the key's block (DistanceData.example)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rt, base_fp, trainable, _ = build(args, "fam")
-    if args.adapter is not None:
-        init_from_adapter(rt.module, trainable, base_fp, argparse.Namespace(**vars(args), init_adapter=args.adapter))
+    if args.init_adapter is not None:
+        init_from_adapter(rt.module, trainable, base_fp, args)
     elif args.ckpt is not None:
         c = torch.load(args.ckpt, weights_only=False, map_location=rt.device)
         with torch.no_grad():
@@ -441,7 +442,7 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
         rec: dict[str, Any] = {"block_size": args.block_size, "distance": d, "pre": args.pre,
                                "tokens": len(true[0].tokens), "keys": args.keys,
                                "key_digits": args.key_digits, "filler": args.filler,
-                               "weights": str(args.adapter or args.ckpt)}
+                               "weights": str(args.init_adapter or args.ckpt)}
         for name, exs in (("true", true), ("swapped", swapped)):
             tokens, weights = to_batch(exs)
             with torch.no_grad(), autocast(rt.device, args.amp):
