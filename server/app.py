@@ -1,7 +1,8 @@
 """The FastAPI application: `create_app(settings, runtime=None)`.
 
 Without a runtime the model loads in a background thread once the server is up, so `/health` answers 503
-`{"status": "loading"}` until it is ready; tests pass a loaded runtime and get a ready app.
+`{"status": "loading"}` until it is ready; tests pass a loaded runtime and get a ready app. That thread ends with
+the load: see `start_engine`.
 
 Start-up first takes the data directory's lock (`server.data_dir`), unless the caller already holds it
 (`fam-server` takes it before it starts listening): a second server over the same directory refuses to start.
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -44,10 +46,18 @@ def create_app(settings: Settings | None = None, runtime: FamRuntime | None = No
     settings = settings or Settings()
 
     async def start_engine(app: FastAPI) -> None:
+        # The load runs in a thread that ends with it, not in asyncio's thread pool, whose threads live on: torch
+        # work in a thread starts an OpenMP team that lasts as long as the thread, and once libgomp manages more
+        # threads than there are cores it stops spinning between parallel regions. A second, idle team beside
+        # the model worker's cost the server a third of its ingest rate (scripts/bench_server.py --targets:
+        # 0.62-0.73x the in-process rate).
+        loop = asyncio.get_running_loop()
         try:
-            rt = runtime or await asyncio.to_thread(load_runtime, settings)
-            secret = snapshot_secret(settings.data_dir, settings.secret.get_secret_value() if settings.secret else None)
-            engine = await asyncio.to_thread(Engine, rt, settings.engine_config(secret))
+            with ThreadPoolExecutor(1, thread_name_prefix="fam-load") as load:
+                rt = runtime or await loop.run_in_executor(load, load_runtime, settings)
+                secret = snapshot_secret(settings.data_dir,
+                                         settings.secret.get_secret_value() if settings.secret else None)
+                engine = await loop.run_in_executor(load, Engine, rt, settings.engine_config(secret))
         except Exception as e:  # anything the loader raises: /health reports it, /v1 answers 503 with it
             log.exception("the model failed to load")
             app.state.load_error = f"{type(e).__name__}: {e}"
