@@ -477,6 +477,11 @@ def train(argv: list[str]) -> None:
                     help="digits of the key that vary (DistanceData.random_key): < 5 eases the task to fewer bits")
     ap.add_argument("--pre-max", type=int, default=0,
                     help="each batch puts the key after a uniform 0..pre-max filler blocks (DistanceData.example)")
+    ap.add_argument("--replay-distances", type=int, nargs="+", default=[],
+                    help="with --p-replay: distances a batch may be drawn at instead, the key in the first block "
+                         "(what the starting weights already do, kept while --pre-max grows a new axis); replay "
+                         "batches do not count towards the schedule")
+    ap.add_argument("--p-replay", type=float, default=0.25)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-adapter", type=Path, default=None,
                     help="start from an adapter file's prompt and LoRA (e.g. a committed curriculum milestone) with a "
@@ -500,7 +505,8 @@ def train(argv: list[str]) -> None:
                            "window": args.window, "p_current": args.p_current, "filler": args.filler,
                            "loss": "answer digits only", "memory_blocks": 0, "rsp": False, "rpo": False,
                            "batch": args.batch, "random_offset": args.random_offset, "key_digits": args.key_digits,
-                           "pre_max": args.pre_max}
+                           "pre_max": args.pre_max, "replay_distances": args.replay_distances,
+                           "p_replay": args.p_replay if args.replay_distances else 0.0}
     if args.resume and ckpt.is_file():
         c = torch.load(ckpt, weights_only=False, map_location=rt.device)
         with torch.no_grad():
@@ -526,14 +532,19 @@ def train(argv: list[str]) -> None:
     t_start = last_save = time.time()
     while step < args.steps and (time.time() - t_start) / 60 < args.minutes:
         t0 = time.time()
-        d = sched.draw(data.rng)
-        pre = data.rng.randint(0, args.pre_max) if args.pre_max else 0
+        replay = bool(args.replay_distances) and data.rng.random() < args.p_replay
+        if replay:
+            d, pre = data.rng.choice(args.replay_distances), 0
+        else:
+            d = sched.draw(data.rng)
+            pre = data.rng.randint(0, args.pre_max) if args.pre_max else 0
         tokens, weights = to_batch([data.example(d, data.random_key(args.key_digits), args.filler, args.random_offset,
                                                  pre) for _ in range(args.batch)])
         loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step)
         step += 1
-        advanced = sched.record(d, exact, step)
-        rec = {"step": step, "distance": d, "pre": pre, "max_distance": sched.current, "loss": round(loss, 4),
+        advanced = not replay and sched.record(d, exact, step)
+        rec = {"step": step, "distance": d, "pre": pre, "replay": replay, "max_distance": sched.current,
+               "loss": round(loss, 4),
                "em": sum(exact) / len(exact), "grad_norm": round(gn, 4), "seconds": round(time.time() - t0, 2),
                "time": round(time.time(), 1)}
         if advanced:

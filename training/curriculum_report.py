@@ -4,7 +4,8 @@
         [--plot docs/retrieval_curriculum.png] > table.md
 
 Prints markdown: per run, the mean answer loss per digit (nats; chance ln 10 = 2.30) and the exact match over each
-window of `--every` steps; for a curriculum log also per distance and the steps where the maximum advanced.
+window of `--every` steps; for a curriculum log also per distance (replay batches apart: `train --replay-distances`)
+and the steps where the maximum advanced.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def curriculum_table(recs: list[dict], every: int) -> list[str]:
     lines = ["| steps | max distance | mean loss | mean EM | loss / EM per distance |", "|---|---:|---:|---:|---|"]
     for a in range(0, len(recs), every):
         w = recs[a:a + every]
-        per = {}
+        per: dict[tuple[bool, int], list[dict]] = {}
         for r in w:
-            per.setdefault(r["distance"], []).append(r)
-        cells = ", ".join(f"d={d}: {sum(x['loss'] for x in v) / len(v):.2f} / {sum(x['em'] for x in v) / len(v):.2f}"
-                          for d, v in sorted(per.items()))
+            per.setdefault((r.get("replay", False), r["distance"]), []).append(r)
+        cells = ", ".join(f"{'replay ' if replay else ''}d={d}: {sum(x['loss'] for x in v) / len(v):.2f} / "
+                          f"{sum(x['em'] for x in v) / len(v):.2f}" for (replay, d), v in sorted(per.items()))
         lines.append(f"| {w[0]['step']}-{w[-1]['step']} | {w[-1]['max_distance']} | "
                      f"{sum(r['loss'] for r in w) / len(w):.3f} | {sum(r['em'] for r in w) / len(w):.2f} | {cells} |")
     adv = [(r["step"], r["advanced_to"]) for r in recs if "advanced_to" in r]

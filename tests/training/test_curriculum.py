@@ -208,6 +208,25 @@ def test_curriculum_trains_checkpoints_and_resumes(tiny_chat_dir, tmp_path):
     assert adapter.fam_config().memory_blocks == 0 and adapter.meta["step"] == 5
 
 
+def test_curriculum_replay_batches_keep_the_key_first_and_leave_the_schedule(tiny_chat_dir, tmp_path):
+    """`--replay-distances`: a replay batch is at one of those distances with the key in the first block (pre 0,
+    whatever --pre-max says) and does not count towards the schedule (advance 0 would move it at once)."""
+    import json
+
+    from training.curriculum import train
+
+    run = tmp_path / "run"
+    train(["--model", str(tiny_chat_dir), "--block-size", str(B), "--fam-len", "4", "--fam-update-from", "0",
+           "--lora-from", "0", "--amp", "off", "--threads", "1", "--batch", "2", "--run", str(run),
+           "--stages", "1", "2", "--window", "2", "--advance", "0", "--pre-max", "3",
+           "--replay-distances", "3", "--p-replay", "1", "--steps", "3"])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["replay"], r["distance"], r["pre"], r["max_distance"]) for r in log] == [(True, 3, 0, 1)] * 3
+    assert not any("advanced_to" in r for r in log)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["data_recipe"]["replay_distances"] == [3] and meta["data_recipe"]["p_replay"] == 1.0
+
+
 def test_swapped_pair_differs_only_in_block0s_key(tokenizer):
     data = DistanceData(tokenizer, B, seed=4)
     ex, sw = data.swapped_pair(3, random_offset=True)
