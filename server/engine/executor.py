@@ -5,11 +5,11 @@ rows of every work at once, attention per session over its own cache, so session
 share the pass), then one `lm_head` over the rows whose logits were asked for. If the batched pass raises, each
 work runs alone, so that a failure stays with the work that caused it.
 
-A pass with interactive work (decode, prompts) or with few rows runs on one torch thread, a bulk one (ingest
-slices) on all of them: a small pass is a chain of tiny kernels, where the threads of a pool wait on each other at
-every op, and while answers stream the event loop's thread takes a core besides. Measured through the server on 2
-cores (scripts/bench_server.py --targets): single-stream decode 12.5 tok/s with two threads, 28-33 with one,
-while ingest alone gains from two.
+Every pass runs on the pool the server was started with. An earlier rule ran small and interactive passes on one
+thread, because two threads decoded at 12.5 tok/s through the server and one at 28-33. The likely cause was an
+OpenMP team left in a loader thread (fixed in `server.app`), not the pass size: with it gone, all threads are
+faster for every kind of pass (scripts/bench_server.py --targets, 2 cores, one run each: single-stream decode 14.5
+against 10.1 tok/s, 8 streams 42.6 against 28.9, ingest under chats 256 against 162 tok/s).
 """
 
 from __future__ import annotations
@@ -24,14 +24,9 @@ from server.engine.work import Output, Work
 log = logging.getLogger(__name__)
 
 
-# Passes with fewer rows than this, or with any work that wants logits, run on one thread (see the docstring).
-SMALL_PASS_ROWS = 64
-
-
 class Executor:
     def __init__(self, rt: FamRuntime):
         self.rt = rt
-        self.threads = torch.get_num_threads()  # the pool size the server was started with
 
     def run(self, works: list[Work]) -> list[Output | Exception]:
         try:
@@ -50,8 +45,6 @@ class Executor:
             return e
 
     def _pass(self, works: list[Work]) -> list[Output]:
-        small = sum(len(w.tokens) for w in works) < SMALL_PASS_ROWS
-        torch.set_num_threads(1 if small or any(w.logits != "none" for w in works) else self.threads)
         results = self.rt.forward_many([w.state for w in works], [w.tokens for w in works])
         rows = [h[-1:] if w.logits == "last" else h for w, (_, h) in zip(works, results, strict=True)
                 if w.logits != "none"]
