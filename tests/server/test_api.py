@@ -365,6 +365,17 @@ def test_the_model_loads_in_a_thread_that_ends_with_the_load(monkeypatch, tmp_pa
         assert loader is not threading.main_thread() and not loader.is_alive()
 
 
+def test_cpu_has_amx_reads_the_flags(tmp_path):
+    from server.app import cpu_has_amx
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_has_amx(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert cpu_has_amx(str(info)) is False
+    assert cpu_has_amx(str(tmp_path / "missing")) is None
+
+
 def test_failed_load_is_reported(tmp_path, error):
     with TestClient(create_app(Settings(data_dir=tmp_path, secret="s", model=str(tmp_path / "missing")))) as client:
         for _ in range(100):
