@@ -406,7 +406,7 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
     examples as they are, and with block 0's key sentence holding another key (the answer unchanged). A memory that
     retrieves: the swapped loss far above the true one; one that does not: the two equal (no gradient, bf16)."""
     from training.depth import text_tokens as depth_text_tokens
-    from training.finetune import autocast, init_from_adapter
+    from training.finetune import autocast, init_from_adapter, load_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m training.curriculum keyswap")
     add_model_args(ap)
@@ -423,10 +423,7 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
     if args.init_adapter is not None:
         init_from_adapter(rt.module, trainable, base_fp, args)
     elif args.ckpt is not None:
-        c = torch.load(args.ckpt, weights_only=False, map_location=rt.device)
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(c["trainable"][n])
+        load_checkpoint(args.ckpt, trainable, rt.device)
     module = rt.module
     module.eval()
     # prose filler here is held out: the R manuals of the depth test, which no training run reads
@@ -461,7 +458,7 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
 
 def train(argv: list[str]) -> None:
     from training.data import prose_tokens
-    from training.finetune import init_from_adapter, lora_weights, open_log, run_meta, save_checkpoint
+    from training.finetune import init_from_adapter, load_checkpoint, lora_weights, open_log, run_meta, save_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m training.curriculum train")
     add_model_args(ap)
@@ -508,10 +505,7 @@ def train(argv: list[str]) -> None:
                            "pre_max": args.pre_max, "replay_distances": args.replay_distances,
                            "p_replay": args.p_replay if args.replay_distances else 0.0}
     if args.resume and ckpt.is_file():
-        c = torch.load(ckpt, weights_only=False, map_location=rt.device)
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(c["trainable"][n])
+        c = load_checkpoint(ckpt, trainable, rt.device)
         opt.load_state_dict(c["optimizer"])
         step = c["step"]
         data.rng.setstate(c["data_rng"])

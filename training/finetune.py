@@ -313,6 +313,20 @@ def save_checkpoint(path: Path, **obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], device: torch.device | str) -> dict[str, Any]:
+    """A checkpoint of `save_checkpoint`, its trainable tensors copied into `trainable` (the same names: a run
+    with another LoRA or prompt layout is refused). Returns the whole checkpoint (optimizer, step, rng, ...)."""
+    c = torch.load(path, weights_only=False, map_location=device)
+    missing, extra = sorted(set(trainable) - set(c["trainable"])), sorted(set(c["trainable"]) - set(trainable))
+    if missing or extra:
+        raise ValueError(f"{path} does not fit this run's trainable parameters: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]} ({len(missing)} and {len(extra)} in all)")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(c["trainable"][n])
+    return c
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -337,10 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     min_gap = (args.memory_blocks + 1) * args.block_size if args.min_gap is None else args.min_gap
     meta = run_meta(args, rt, base_fp)
     if args.resume and ckpt.is_file():
-        c = torch.load(ckpt, weights_only=False, map_location=dev)
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(c["trainable"][n])
+        c = load_checkpoint(ckpt, trainable, dev)
         opt.load_state_dict(c["optimizer"])
         carried = Carried(c["carried"].to(dev)) if c["carried"] is not None else None
         step = c["step"]

@@ -200,6 +200,8 @@ def test_curriculum_trains_checkpoints_and_resumes(tiny_chat_dir, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert all(r["distance"] <= r["max_distance"] for r in log)
     assert torch.load(run / "ckpt.pt", weights_only=False)["schedule"]["level"] == 2
+    with pytest.raises(ValueError, match="does not fit"):  # another LoRA layout cannot resume this run
+        train([*common[:-4], "--lora-r", "2", "--lora-from", "1", "--steps", "6", "--resume"])
     from model.adapter import load_adapter
     from training.finetune import export_adapter
 
