@@ -285,7 +285,8 @@ def report(args: argparse.Namespace) -> None:
 def trace_lines(runs: Path) -> list[str]:
     out = []
     for trace in sorted(runs.glob("*.trace.jsonl")):
-        rows = [json.loads(line) for line in trace.open()]
+        # a run that restarted without its state file traced its blocks again: the last trace of a block counts
+        rows = list({r["block"]: r for r in map(json.loads, trace.open())}.values())
         if not rows:
             continue
         pick = [r for r in rows if r["block"] in (0, 1, 3, 7, 15, 31, 47, 63, 127, 255, 511, 1023, 2047, 4095)]

@@ -54,3 +54,16 @@ def test_the_shipped_fam_holds_sink_level_64_blocks_in():
     rt.module.fam_cfg = rt.fam_config.replace(fam_gate=1.0)
     ungated = accuracy(stream_logits(rt.module, "fam", ids, depth, window))
     assert ungated < sink - 0.05, (ungated, sink)
+
+
+def test_trace_table_keeps_the_last_trace_of_each_block(tmp_path):
+    """A depth run restarted without its state file appends its trace again; the report shows each block once."""
+    import json
+
+    from training.depth import trace_lines
+
+    rec = {"tokens": 256, "rms": [1.0, 2.0, 3.0], "move": [0.1, 0.2]}
+    rows = [{"block": b, **rec} for b in (0, 1, 3)]
+    (tmp_path / "sys.trace.jsonl").write_text("\n".join(json.dumps(r) for r in rows + rows[:2]) + "\n")
+    table = [line for line in trace_lines(tmp_path) if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split(" | ")[0] for line in table] == ["| 0", "| 1", "| 3"]
