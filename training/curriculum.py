@@ -198,17 +198,30 @@ class DistanceSchedule:
 
 
 def answer_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor, detach_fam: bool = False,
-                use_checkpoint: bool = False, grad_from: int = 0) -> tuple[FamState, Tensor, Tensor]:
-    """Loss over the answer digits: returns (final state, mean CE per digit, exact match per row [b] bool).
+                use_checkpoint: bool = False, grad_from: int = 0, readout_from: int | None = None
+                ) -> tuple[FamState, Tensor, Tensor, Tensor]:
+    """Loss over the answer digits: returns (final state, mean CE per digit, exact match per row [b] bool, the loss
+    to train on).
 
     `detach_fam` (the control): the FAM state is cut from the graph at every block boundary, so the forward still
-    carries the key but no gradient reaches an earlier block's FAM update."""
+    carries the key but no gradient reaches an earlier block's FAM update.
+
+    `readout_from` (the key's block index): the question and answer (the last, block-aligned chunk of `tokens`) are
+    also asked from the state after every full block from the key's block on, in a side pass whose state is thrown
+    away, so one sequence at distance d supervises the distances 1..d-1 as well. The loss to train on is then the
+    mean per digit over the final question and every readout; without readouts it is the final question's loss."""
     from training.train import _head
 
     targets = torch.cat((tokens[:, 1:], tokens[:, :1]), 1)
     w = torch.cat((weights[:, :-1], torch.zeros_like(weights[:, :1])), 1)
     loss = tokens.new_zeros((), dtype=torch.float32)
     hits = torch.zeros_like(w)
+    B, n = state.cfg.block_size, tokens.shape[1]
+    n_qa = n % B  # the question's chunk: the partial block after the last full one
+    if readout_from is not None and not 0 < n_qa < n:
+        raise ValueError("readouts need the question and answer as a partial block after the last full block")
+    qa = (tokens[:, n - n_qa:], targets[:, n - n_qa:], w[:, n - n_qa:]) if readout_from is not None else None
+    read_sum, read_n = loss, 0
 
     def block(st: FamState, x: Tensor, y: Tensor, wb: Tensor) -> tuple[FamState, Tensor, Tensor]:
         st, h = module.forward_chunk(st, x, grad_from=grad_from)
@@ -222,7 +235,7 @@ def answer_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor,
         hit[need] = (pred == y[need]).to(hit.dtype)
         return st, ce, hit
 
-    for a, b in state.cuts(tokens.shape[1]):
+    for a, b in state.cuts(n):
         args = (state, tokens[:, a:b], targets[:, a:b], w[:, a:b])
         if use_checkpoint and torch.is_grad_enabled():
             state, ce, hit = checkpoint(block, *args, use_reentrant=False)
@@ -232,9 +245,12 @@ def answer_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor,
         hits[:, a:b] = hit
         if detach_fam and state.cfg.F and state.n_block == 0:
             state = module.with_fam(state, state.fam.detach(), state.fam_fresh)
-    n = (w > 0).sum().clamp(min=1)
+        if qa is not None and b % B == 0 and b // B - 1 >= readout_from and b < n - n_qa:
+            _, ce, _ = block(state, *qa)  # the side pass: its state is dropped
+            read_sum, read_n = read_sum + ce, read_n + int((qa[2] > 0).sum())
+    n_w = int((w > 0).sum().clamp(min=1))
     exact = ((hits > 0) | (w <= 0)).all(1)
-    return state, loss / n, exact
+    return state, loss / n_w, exact, (loss + read_sum) / (n_w + read_n)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -284,9 +300,10 @@ def build(args: argparse.Namespace, mode: str) -> tuple[Any, str, dict[str, torc
 
 
 def train_step(rt: Any, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer, tokens: Tensor,
-               weights: Tensor, args: argparse.Namespace, step: int, detach_fam: bool = False
-               ) -> tuple[float, list[bool], float]:
-    """One optimizer step on one batch: returns (loss per digit, exact match per row, gradient norm)."""
+               weights: Tensor, args: argparse.Namespace, step: int, detach_fam: bool = False,
+               readout_from: int | None = None) -> tuple[float, list[bool], float, float]:
+    """One optimizer step on one batch: returns (loss per digit of the final question, exact match per row,
+    gradient norm, the loss trained on: with `readout_from`, over the readouts too; see `answer_loss`)."""
     from training.finetune import autocast, grad_from
 
     module = rt.module
@@ -294,14 +311,14 @@ def train_step(rt: Any, trainable: dict[str, torch.nn.Parameter], opt: torch.opt
         g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(args.warmup, 1))
     state = module.new_state(batch=tokens.shape[0])
     with autocast(rt.device, args.amp):
-        _, loss, exact = answer_loss(module, state, tokens.to(rt.device), weights.to(rt.device), detach_fam,
-                                     args.checkpoint or tokens.numel() >= AUTO_CHECKPOINT_TOKENS,
-                                     grad_from(module, trainable))
+        _, loss, exact, trained = answer_loss(module, state, tokens.to(rt.device), weights.to(rt.device), detach_fam,
+                                              args.checkpoint or tokens.numel() >= AUTO_CHECKPOINT_TOKENS,
+                                              grad_from(module, trainable), readout_from)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    trained.backward()
     gn = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
     opt.step()
-    return loss.item(), exact.tolist(), float(gn)
+    return loss.item(), exact.tolist(), float(gn), trained.item()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -347,7 +364,7 @@ def _sanity(args: argparse.Namespace, echo: bool) -> list[dict[str, Any]]:
                 for _ in range(args.batch)]
         ex = [data.example(args.distance, k, args.filler, args.random_offset) for k in keys]
         tokens, weights = to_batch(ex)
-        loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step, args.control == "detach")
+        loss, exact, gn, _ = train_step(rt, trainable, opt, tokens, weights, args, step, args.control == "detach")
         rec = {"step": step + 1, "key": args.key, "control": args.control, "distance": args.distance,
                "loss": round(loss, 4), "em": sum(exact) / len(exact), "grad_norm": round(gn, 4),
                "seconds": round(time.time() - t0, 1)}
@@ -386,7 +403,7 @@ def probe(argv: list[str]) -> list[dict[str, Any]]:
         hook = module.embed_tokens.register_forward_hook(leaf)
         try:
             with autocast(rt.device, args.amp):
-                _, loss, _ = answer_loss(module, module.new_state(batch=args.batch), tokens.to(rt.device),
+                _, loss, _, _ = answer_loss(module, module.new_state(batch=args.batch), tokens.to(rt.device),
                                          weights.to(rt.device), detach_fam=control == "detach")
         finally:
             hook.remove()
@@ -443,7 +460,7 @@ def keyswap(argv: list[str]) -> list[dict[str, Any]]:
         for name, exs in (("true", true), ("swapped", swapped)):
             tokens, weights = to_batch(exs)
             with torch.no_grad(), autocast(rt.device, args.amp):
-                _, loss, exact = answer_loss(module, module.new_state(batch=len(exs)), tokens.to(rt.device),
+                _, loss, exact, _ = answer_loss(module, module.new_state(batch=len(exs)), tokens.to(rt.device),
                                              weights.to(rt.device))
             rec[f"loss_{name}"] = round(loss.item(), 4)
             rec[f"em_{name}"] = round(exact.float().mean().item(), 4)
@@ -479,6 +496,9 @@ def train(argv: list[str]) -> None:
                          "(what the starting weights already do, kept while --pre-max grows a new axis); replay "
                          "batches do not count towards the schedule")
     ap.add_argument("--p-replay", type=float, default=0.25)
+    ap.add_argument("--readout", action="store_true",
+                    help="also ask the question after every full block from the key's on (answer_loss's readouts): "
+                         "one sequence at distance d trains the distances 1..d-1 too")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-adapter", type=Path, default=None,
                     help="start from an adapter file's prompt and LoRA (e.g. a committed curriculum milestone) with a "
@@ -503,6 +523,7 @@ def train(argv: list[str]) -> None:
                            "loss": "answer digits only", "memory_blocks": 0, "rsp": False, "rpo": False,
                            "batch": args.batch, "random_offset": args.random_offset, "key_digits": args.key_digits,
                            "pre_max": args.pre_max, "replay_distances": args.replay_distances,
+                           "readout": args.readout,
                            "p_replay": args.p_replay if args.replay_distances else 0.0}
     if args.resume and ckpt.is_file():
         c = load_checkpoint(ckpt, trainable, rt.device)
@@ -534,13 +555,16 @@ def train(argv: list[str]) -> None:
             pre = data.rng.randint(0, args.pre_max) if args.pre_max else 0
         tokens, weights = to_batch([data.example(d, data.random_key(args.key_digits), args.filler, args.random_offset,
                                                  pre) for _ in range(args.batch)])
-        loss, exact, gn = train_step(rt, trainable, opt, tokens, weights, args, step)
+        loss, exact, gn, trained = train_step(rt, trainable, opt, tokens, weights, args, step,
+                                              pre if args.readout else None)
         step += 1
         advanced = not replay and sched.record(d, exact, step)
         rec = {"step": step, "distance": d, "pre": pre, "replay": replay, "max_distance": sched.current,
                "loss": round(loss, 4),
                "em": sum(exact) / len(exact), "grad_norm": round(gn, 4), "seconds": round(time.time() - t0, 2),
                "time": round(time.time(), 1)}
+        if args.readout:
+            rec["trained_loss"] = round(trained, 4)  # over the readouts at distances 1..d-1 and the question
         if advanced:
             rec["advanced_to"] = sched.current
         if not math.isfinite(loss):

@@ -130,7 +130,7 @@ def test_answer_gradient_reaches_the_key_block_only_through_fam(tiny_chat_dir, c
 
     hook = module.embed_tokens.register_forward_hook(leaf)
     try:
-        _, loss, _ = answer_loss(module, module.new_state(batch=2), tokens, weights, detach_fam=control == "detach")
+        _, loss, _, _ = answer_loss(module, module.new_state(batch=2), tokens, weights, detach_fam=control == "detach")
     finally:
         hook.remove()
     assert len(embedded) == 3  # block 0 (key), block 1 (filler), the question's partial block
@@ -176,6 +176,30 @@ def test_real_model_sanity_fixed_key():
     assert min(losses[-10:]) < 0.05, losses
 
 
+@pytest.mark.parametrize("pre", [0, 2])
+def test_readouts_ask_the_question_after_every_block_from_the_key(tiny_chat_dir, pre):
+    """`readout_from`: the loss trained on is the mean over the final question and a question asked after each
+    full block from the key's on, each the same as an example cut short to that distance; the final question's own
+    loss and exact match do not change."""
+    args = _tiny_args(tiny_chat_dir)
+    rt, _, _, _ = build(args, "fam")
+    m = rt.module
+    data = DistanceData(rt.tokenizer, B, seed=7)
+    d = 3
+    tokens, weights = to_batch([data.example(d, pre=pre) for _ in range(2)])
+    n_qa = tokens.shape[1] % B
+    with torch.no_grad():
+        plain = answer_loss(m, m.new_state(batch=2), tokens, weights)
+        read = answer_loss(m, m.new_state(batch=2), tokens, weights, readout_from=pre)
+        shorter = [answer_loss(m, m.new_state(batch=2), torch.cat((tokens[:, :(pre + j) * B], tokens[:, -n_qa:]), 1),
+                               torch.cat((weights[:, :(pre + j) * B], weights[:, -n_qa:]), 1))[1] for j in range(1, d)]
+    assert read[1].item() == pytest.approx(plain[1].item(), rel=1e-5) and torch.equal(read[2], plain[2])
+    assert plain[3].item() == pytest.approx(plain[1].item(), rel=1e-6)  # no readouts: the question's loss
+    expected = (plain[1] + sum(shorter)) / d  # every readout scores the same 5 digits per row
+    assert read[3].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert abs(read[3].item() - plain[1].item()) > 1e-4  # the readouts are not the final question again
+
+
 def test_curriculum_trains_checkpoints_and_resumes(tiny_chat_dir, tmp_path):
     """`train` end to end on the tiny model: log lines, a checkpoint with the schedule, resume continues the step
     count; an advance threshold of 0 moves the maximum distance up the stages as soon as a window is full."""
@@ -212,7 +236,8 @@ def test_curriculum_trains_checkpoints_and_resumes(tiny_chat_dir, tmp_path):
 
 def test_curriculum_replay_batches_keep_the_key_first_and_leave_the_schedule(tiny_chat_dir, tmp_path):
     """`--replay-distances`: a replay batch is at one of those distances with the key in the first block (pre 0,
-    whatever --pre-max says) and does not count towards the schedule (advance 0 would move it at once)."""
+    whatever --pre-max says) and does not count towards the schedule (advance 0 would move it at once). With
+    --readout every line logs the loss trained on as well."""
     import json
 
     from training.curriculum import train
@@ -221,10 +246,11 @@ def test_curriculum_replay_batches_keep_the_key_first_and_leave_the_schedule(tin
     train(["--model", str(tiny_chat_dir), "--block-size", str(B), "--fam-len", "4", "--fam-update-from", "0",
            "--lora-from", "0", "--amp", "off", "--threads", "1", "--batch", "2", "--run", str(run),
            "--stages", "1", "2", "--window", "2", "--advance", "0", "--pre-max", "3",
-           "--replay-distances", "3", "--p-replay", "1", "--steps", "3"])
+           "--replay-distances", "3", "--p-replay", "1", "--steps", "3", "--readout"])
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [(r["replay"], r["distance"], r["pre"], r["max_distance"]) for r in log] == [(True, 3, 0, 1)] * 3
     assert not any("advanced_to" in r for r in log)
+    assert all(r["trained_loss"] > 0 for r in log)  # --readout: the loss over the readouts at d = 1, 2 and the question
     meta = json.loads((run / "meta.json").read_text())
     assert meta["data_recipe"]["replay_distances"] == [3] and meta["data_recipe"]["p_replay"] == 1.0
 
