@@ -221,6 +221,7 @@ def answer_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor,
     if readout_from is not None and not 0 < n_qa < n:
         raise ValueError("readouts need the question and answer as a partial block after the last full block")
     qa = (tokens[:, n - n_qa:], targets[:, n - n_qa:], w[:, n - n_qa:]) if readout_from is not None else None
+    qa_digits = int((qa[2] > 0).sum()) if qa is not None else 0  # the digits one readout scores
     read_sum, read_n = loss, 0
 
     def block(st: FamState, x: Tensor, y: Tensor, wb: Tensor) -> tuple[FamState, Tensor, Tensor]:
@@ -247,7 +248,7 @@ def answer_loss(module: FamLM, state: FamState, tokens: Tensor, weights: Tensor,
             state = module.with_fam(state, state.fam.detach(), state.fam_fresh)
         if qa is not None and b % B == 0 and b // B - 1 >= readout_from and b < n - n_qa:
             _, ce, _ = block(state, *qa)  # the side pass: its state is dropped
-            read_sum, read_n = read_sum + ce, read_n + int((qa[2] > 0).sum())
+            read_sum, read_n = read_sum + ce, read_n + qa_digits
     n_w = int((w > 0).sum().clamp(min=1))
     exact = ((hits > 0) | (w <= 0)).all(1)
     return state, loss / n_w, exact, (loss + read_sum) / (n_w + read_n)
