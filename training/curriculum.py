@@ -557,7 +557,7 @@ def train(argv: list[str]) -> None:
         tokens, weights = to_batch([data.example(d, data.random_key(args.key_digits), args.filler, args.random_offset,
                                                  pre) for _ in range(args.batch)])
         loss, exact, gn, trained = train_step(rt, trainable, opt, tokens, weights, args, step,
-                                              pre if args.readout else None)
+                                              readout_from=pre if args.readout else None)
         step += 1
         advanced = not replay and sched.record(d, exact, step)
         rec = {"step": step, "distance": d, "pre": pre, "replay": replay, "max_distance": sched.current,
