@@ -95,7 +95,6 @@ class FamConfig:
       fam   block sliding window + F feedback vectors per layer (the paper's TransformerFAM)
       bswa  block sliding window only (F = 0): the paper's baseline
       sink  StreamingLLM: the first `sink_tokens` tokens plus the block window, positions re-based in the cache
-    fam may keep attention sinks too (`fam_sinks`), with positions re-based the same way.
       full  no eviction: ordinary causal attention up to the model's context limit (the reference)
     """
 
@@ -104,9 +103,6 @@ class FamConfig:
     memory_blocks: int = 1  # m: previous blocks kept as K/V (the window is m·B .. (m+1)·B tokens)
     fam_len: int = 32  # F: feedback vectors per layer (used by mode=fam only)
     sink_tokens: int = 4  # attention sinks kept by mode=sink
-    # Attention sinks kept by mode=fam: the document's first tokens stay in every block's window, as in sink mode
-    # (positions re-based in the cache). 0 is the paper's FAM, whose feedback rows are the only always-present keys.
-    fam_sinks: int = 0
     # The paper's first FAM update adds a zero residual instead of the initial state (it "carries no context").
     # Measured on the default model before training (docs/design.md): zero residual -> next-token loss 9.1 after
     # the first block, the initial state as residual -> 2.4 (BSWA 2.0). Fine-tuning on a small budget starts from
@@ -137,8 +133,6 @@ class FamConfig:
             raise ValueError(f"fam_update_from must be >= 0, got {self.fam_update_from}")
         if self.mode == "sink" and not 0 < self.sink_tokens <= self.block_size:
             raise ValueError(f"sink_tokens must be in [1, block_size], got {self.sink_tokens}")
-        if self.mode == "fam" and not 0 <= self.fam_sinks <= self.block_size:
-            raise ValueError(f"fam_sinks must be in [0, block_size], got {self.fam_sinks}")
 
     @property
     def F(self) -> int:  # noqa: N802 - the paper's name
@@ -146,13 +140,7 @@ class FamConfig:
 
     @property
     def n_sinks(self) -> int:
-        return {"sink": self.sink_tokens, "fam": self.fam_sinks}.get(self.mode, 0)
-
-    @property
-    def rebases(self) -> bool:
-        """Positions are cache slots (re-based as the window slides) rather than document positions: a kept sink
-        must stay within the distances the model was trained on."""
-        return self.n_sinks > 0
+        return self.sink_tokens if self.mode == "sink" else 0
 
     @property
     def evicts(self) -> bool:

@@ -12,8 +12,7 @@ Cached slots are [sinks | memory blocks | earlier tokens of the current block]. 
 layer's own norm, attention and MLP; their output is the layer's new feedback state, read by the same layer in the
 next block. Chunk tokens never see it. When a block completes, memory is trimmed to the last m blocks.
 
-bswa is fam with F = 0; sink keeps the first tokens and re-bases positions into the cache (fam does too when it keeps
-sinks); full never evicts.
+bswa is fam with F = 0; sink keeps the first tokens and re-bases positions into the cache; full never evicts.
 """
 
 from __future__ import annotations
@@ -196,11 +195,11 @@ class FamLM(nn.Module):
 
     def new_state(self, batch: int = 1, mode: str | None = None, position: int | Tensor = 0) -> FamState:
         """An empty document. `position` (scalar or [batch]) is the RoPE position of its first token: the tests
-        shift it, training draws it per row (Random Position Offset); a state with sinks ignores it."""
+        shift it, training draws it per row (Random Position Offset); sink mode ignores it."""
         cfg = self.fam_cfg if mode is None else self.fam_cfg.replace(mode=mode)
         a, dev, dt = self.arch, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
         base = torch.zeros(batch, dtype=torch.int64, device=dev)
-        if not cfg.rebases:
+        if cfg.mode != "sink":
             base = base + torch.as_tensor(position, dtype=torch.int64, device=dev)
         if cfg.F:
             fam = self.initial_fam()[None].expand(batch, -1, -1, -1)
@@ -331,7 +330,7 @@ class FamLM(nn.Module):
             keep = torch.cat((torch.arange(nf + sinks), torch.arange(nf + sinks + drop, nf + n))).to(base.device)
             k = tuple(t.index_select(2, keep) for t in k)
             v = tuple(t.index_select(2, keep) for t in v)
-            if cfg.rebases:  # positions are cache slots: the kept memory moves `drop` positions down
+            if cfg.mode == "sink":  # positions are cache slots: the kept memory moves `drop` positions down
                 cos, sin = self.rope.cos_sin(torch.full_like(base, -drop)[:, None], k[0].dtype)
                 k = tuple(torch.cat((t[:, :, :nf + sinks], Rope.apply(t[:, :, nf + sinks:], cos, sin)), 2) for t in k)
             else:

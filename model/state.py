@@ -29,10 +29,10 @@ class FamState:
     v: tuple[Tensor, ...]
     fam: Tensor  # [b, L, F, d]  feedback state entering each layer for the current block (F = 0: empty)
     fam_fresh: Tensor  # [b] bool: `fam` is the learned initial state (see FamConfig.zero_first_residual)
-    base: Tensor  # [b] int64: RoPE position of cache slot 0 (always 0 with sinks: positions re-based)
+    base: Tensor  # [b] int64: RoPE position of cache slot 0 (always 0 in sink mode: positions re-based)
     n_tokens: Tensor  # [b] int64: document tokens ingested so far
     n_block: int  # tokens in the current, not yet complete block (the last n_block cache slots)
-    n_sinks: int  # leading cache slots that are attention sinks (sink mode, or fam with fam_sinks)
+    n_sinks: int  # leading cache slots that are attention sinks (sink mode only)
 
     @property
     def batch_size(self) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -60,12 +59,11 @@ def test_equals_hf_model(tiny_dirs, arch, fam):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "full", "fam-upper", "fam-gate", "fam-sinks"])
+@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "full", "fam-upper", "fam-gate"])
 @torch.no_grad()
 def test_chunking_does_not_matter(tiny_dirs, arch, mode):
     """Invariant 2: one call, random splits and token-by-token decode give the same state and logits."""
-    extra = {"fam-upper": {"fam_update_from": 1}, "fam-gate": {"fam_gate": 0.5}, "fam-sinks": {"fam_sinks": 3}
-             }.get(mode, {})
+    extra = {"fam-upper": {"fam_update_from": 1}, "fam-gate": {"fam_gate": 0.5}}.get(mode, {})
     m = tiny(tiny_dirs[arch], mode=mode.split("-")[0], block_size=16, memory_blocks=1, fam_len=4, **extra)
     ids = torch.randint(0, 211, (1, 100), generator=torch.Generator().manual_seed(2))
     s_one, l_one = chunked_logits(m, m.new_state(), ids, [100])
@@ -117,34 +115,16 @@ def test_mask_table():
     assert mask.tolist() == fam + toks
 
 
-@pytest.mark.parametrize("mode", ["fam", "bswa", "sink", "fam-sinks"])
+@pytest.mark.parametrize("mode", ["fam", "bswa", "sink"])
 @torch.no_grad()
 def test_state_size_is_constant(tiny_dirs, mode):
     """Invariant 5: 10x more text, same state bytes (compared at the same point of a block)."""
-    m = tiny(tiny_dirs["llama"], mode=mode.split("-")[0], block_size=16, memory_blocks=2, fam_len=4,
-             fam_sinks=3 if mode == "fam-sinks" else 0)
+    m = tiny(tiny_dirs["llama"], mode=mode, block_size=16, memory_blocks=2, fam_len=4)
     ids = torch.randint(0, 211, (1, 1605), generator=torch.Generator().manual_seed(5))
     short, _ = m.ingest(m.new_state(), ids[:, :165])
     long, _ = m.ingest(m.new_state(), ids)
     assert short.nbytes == long.nbytes
     assert long.n_cached == m.fam_cfg.n_sinks + 2 * 16 + 5
-
-
-@torch.no_grad()
-def test_fam_sinks_stay_and_positions_stay_in_the_window(tiny_dirs):
-    """fam with sinks keeps the first tokens' keys as they were made, in every layer, however far the document goes;
-    positions are re-based (the start position is ignored, base stays 0), so a sink is never further from a query
-    than the window."""
-    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4, fam_sinks=3)
-    ids = torch.randint(0, 211, (1, 400), generator=torch.Generator().manual_seed(9))
-    first, _ = m.ingest(m.new_state(position=5000), ids[:, :16])
-    late, _ = m.ingest(m.new_state(position=5000), ids)
-    assert int(late.base[0]) == 0 and late.n_sinks == 3 and late.n_cached == 3 + 16
-    for li in range(len(late.k)):
-        torch.testing.assert_close(late.k[li][:, :, 4:7], first.k[li][:, :, 4:7], atol=1e-6, rtol=0)
-        torch.testing.assert_close(late.v[li][:, :, 4:7], first.v[li][:, :, 4:7], atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="fam_sinks"):
-        FamConfig(fam_sinks=17, block_size=16)
 
 
 @torch.no_grad()
@@ -182,12 +162,11 @@ def test_forward_many_matches_one_by_one(tiny_dirs, fam_update_from, fam_gate):
              fam_update_from=fam_update_from, fam_gate=fam_gate)
     g = torch.Generator().manual_seed(7)
     states = []
-    sinky = m.fam_cfg.replace(fam_sinks=2)
-    for n, mode in [(48, "fam"), (83, "fam"), (5, "bswa"), (15, "sink"), (30, "full"), (0, "fam"), (70, "fam-sinks")]:
-        s = m.new_state(mode=mode) if mode != "fam-sinks" else replace(m.new_state(), cfg=sinky)
+    for n, mode in [(48, "fam"), (83, "fam"), (5, "bswa"), (15, "sink"), (30, "full"), (0, "fam")]:
+        s = m.new_state(mode=mode)
         states.append(m.ingest(s, torch.randint(0, 211, (1, n), generator=g))[0] if n else s)
     chunks = [torch.randint(0, 211, (min(k, 16 - s.n_block),), generator=g)
-              for k, s in zip([1, 13, 11, 1, 2, 16, 10], states, strict=True)]
+              for k, s in zip([1, 13, 11, 1, 2, 16], states, strict=True)]
     assert any(s.n_block + len(c) == 16 for s, c in zip(states, chunks, strict=True))  # some blocks complete
     for s, c, (batched, h) in zip(states, chunks, m.forward_many(states, chunks), strict=True):
         alone, h_alone = m.forward_chunk(s, c[None])
