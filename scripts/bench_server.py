@@ -21,10 +21,17 @@ prefill at 2k), and writes the table to --out:
   - time to first token of a short chat while another session ingests --load-tokens tokens, against idle, and
     that ingest's rate against the unloaded one at the longest target length.
 
+With --tradeoff S1,S2,... it measures the trade the engine's `FAM_BULK_TOKENS_BUSY` sets (the ingest tokens per
+step while chats generate): per value a fresh server, idle TTFT, one unloaded ingest of --load-tokens tokens, then
+another such ingest while one client chats back to back (each chat --answer-tokens long), its TTFT p50 / p95
+against idle and the ingest's rate against the unloaded one. A closed-loop chat client keeps the engine busy with
+chats the whole time, so each value gives one point of the curve between the two targets.
+
 Prints a markdown table. Short runs:
     python scripts/bench_server.py --sessions 1,4 --ingest-tokens 1024
     python scripts/bench_server.py --streams 8 --stream-tokens 32
     python scripts/bench_server.py --targets --threads 2 --out docs/bench_targets.md
+    python scripts/bench_server.py --tradeoff 64,128,256 --threads 2 --load-tokens 32768 --out docs/bench_tradeoff.md
 """
 
 from __future__ import annotations
@@ -71,7 +78,8 @@ def start_server(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.Po
         flags += ["--model", args.model]
     if args.mode:
         flags += ["--mode", args.mode]
-    env = {"FAM_MAX_QUEUE": "256", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    env = {"FAM_MAX_QUEUE": "256", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
+           **({"FAM_BULK_TOKENS_BUSY": str(args.bulk_tokens_busy)} if getattr(args, "bulk_tokens_busy", 0) else {})}
     return child.start(flags, env)
 
 
@@ -127,10 +135,9 @@ def run_round(args: argparse.Namespace, n: int) -> dict[str, float]:
             asker.join()
             rss_after = rss_bytes(proc.pid)
             tokens = sum(r["tokens"] for r in results)
-            p95 = statistics.quantiles(loaded, n=20, method="inclusive")[-1] if len(loaded) > 1 else loaded[0]
             return {"sessions": n, "ingest_tok_s": tokens / wall, "wall_s": wall, "ttft_idle": statistics.median(idle),
                     "ttft_p50": statistics.median(loaded), "ttft_max": max(loaded), "answers": len(loaded),
-                    "ttft_p95": p95,
+                    "ttft_p95": p95(loaded),
                     "state_bytes": statistics.mean(r["state_bytes"] for r in results),
                     "rss_per_session": (rss_after - rss_before) / n}
         finally:
@@ -250,27 +257,13 @@ def run_targets(args: argparse.Namespace) -> None:
             for k in (1, args.streams):
                 results, wall = concurrent_chats(base, sids[:k], args.stream_tokens)
                 rates.append(sum(r[2] for r in results) / wall)
-            loaded: list[float] = []
-            done = threading.Event()
-            bulk: dict = {}
-            text = document(base, args.load_tokens, 7)
-            sid_bulk = new()
-
-            def ingest_bulk() -> None:
-                bulk["tokens"], bulk["wall"] = timed_ingest(base, sid_bulk, text)
-                done.set()
-
-            worker = threading.Thread(target=ingest_bulk)
-            worker.start()
-            time.sleep(1.0)  # the ingest is running
-            while not done.is_set():
-                loaded.append(ttft(base, args.answer_tokens))
-            worker.join()
+            loaded, bulk_tokens, bulk_wall = loaded_ttfts(base, new(), document(base, args.load_tokens, 7),
+                                                          args.answer_tokens)
         finally:
             child.stop(proc)
-    p95 = statistics.quantiles(loaded, n=20, method="inclusive")[-1] if len(loaded) > 1 else loaded[0]
+    loaded_p95 = p95(loaded)
     idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
-    bulk_rate = bulk["tokens"] / bulk["wall"]
+    bulk_rate = bulk_tokens / bulk_wall
     longest = max(lengths)
     lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype}, sessions in `{mode}` "
              f"mode (the server's default; the in-process runs alike), load average at start "
@@ -288,7 +281,7 @@ def run_targets(args: argparse.Namespace) -> None:
               f"| {args.streams} concurrent streaming chats (aggregate) | {rates[1]:.1f} |",
               f"| TTFT idle, p50 s (5 chats) | {idle_p50:.3f} |",
               f"| TTFT while another session ingests {args.load_tokens} tokens: p50 / p95 s ({len(loaded)} chats) "
-              f"| {loaded_p50:.3f} / {p95:.3f} |",
+              f"| {loaded_p50:.3f} / {loaded_p95:.3f} |",
               f"| that ingest's rate under the chats | {bulk_rate:.0f} |", "",
               "| target | measured | met |", "|---|---|---|"]
 
@@ -301,12 +294,77 @@ def run_targets(args: argparse.Namespace) -> None:
                  f"| {'yes' if decode >= 28 else 'no'} |")
     lines.append(f"| TTFT under ingest p50 <= 3x idle | {loaded_p50 / idle_p50:.2f}x "
                  f"| {'yes' if loaded_p50 <= 3 * idle_p50 else 'no'} |")
-    lines.append(f"| TTFT under ingest p95 <= 5x idle | {p95 / idle_p50:.2f}x "
-                 f"| {'yes' if p95 <= 5 * idle_p50 else 'no'} |")
+    lines.append(f"| TTFT under ingest p95 <= 5x idle | {loaded_p95 / idle_p50:.2f}x "
+                 f"| {'yes' if loaded_p95 <= 5 * idle_p50 else 'no'} |")
     row(f"ingest under chats >= 0.8x unloaded ({longest} tokens)", bulk_rate / served[longest][0], 0.8)
     for n in lengths:
         row(f"server ingest at {n} >= 0.9x in-process", served[n][0] / (n / ref[n]["ingest_s"]), 0.9)
         row(f"server ingest at {n} >= 1.0x HF prefill at 2k", served[n][0] / hf_rate, 1.0)
+    text_out = "\n".join(lines) + "\n"
+    print(text_out)
+    if args.out:
+        Path(args.out).write_text(text_out)
+
+
+def loaded_ttfts(base: str, sid: str, text: str, answer_tokens: int) -> tuple[list[float], int, float]:
+    """TTFTs of back-to-back chats while `text` is ingested into session `sid`; the ingest's tokens and wall s."""
+    loaded: list[float] = []
+    bulk: dict = {}
+    done = threading.Event()
+
+    def ingest_bulk() -> None:
+        bulk["tokens"], bulk["wall"] = timed_ingest(base, sid, text)
+        done.set()
+
+    worker = threading.Thread(target=ingest_bulk)
+    worker.start()
+    time.sleep(1.0)  # the ingest is running
+    while not done.is_set():
+        loaded.append(ttft(base, answer_tokens))
+    worker.join()
+    return loaded, bulk["tokens"], bulk["wall"]
+
+
+def new_session(base: str) -> str:
+    return httpx.post(f"{base}/v1/sessions").json()["id"]
+
+
+def p95(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=20, method="inclusive")[-1] if len(xs) > 1 else xs[0]
+
+
+def run_tradeoff(args: argparse.Namespace) -> None:
+    threads = args.threads or os.cpu_count() or 1
+    rows = []
+    for slice_tokens in (int(x) for x in args.tradeoff.split(",")):
+        with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
+            run_args = argparse.Namespace(**{**vars(args), "threads": threads, "bulk_tokens_busy": slice_tokens})
+            proc, base = start_server(run_args, data_dir)
+            try:
+                warm = new_session(base)
+                timed_ingest(base, warm, document(base, 600, 98))
+                stream_chat(base, warm, 4)
+                idle = [ttft(base, args.answer_tokens) for _ in range(5)]
+                tokens, wall = timed_ingest(base, new_session(base), document(base, args.load_tokens, 7))
+                loaded, l_tokens, l_wall = loaded_ttfts(base, new_session(base), document(base, args.load_tokens, 8),
+                                                        args.answer_tokens)
+            finally:
+                child.stop(proc)
+        idle_p50 = statistics.median(idle)
+        rows.append((slice_tokens, idle_p50, statistics.median(loaded), p95(loaded), len(loaded), tokens / wall,
+                     l_tokens / l_wall))
+        print(rows[-1], flush=True)
+    lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype}, load average at start "
+             f"{args.load_at_start:.1f}; command: `python scripts/bench_server.py {' '.join(sys.argv[1:])}`. Per "
+             f"row a fresh server with that FAM_BULK_TOKENS_BUSY; one client chats back to back ({args.answer_tokens}"
+             f" tokens each) while another session ingests {args.load_tokens} tokens. Targets (engine issue): TTFT "
+             "p50 <= 3x idle, p95 <= 5x idle, the ingest >= 0.8x its unloaded rate.", "",
+             "| FAM_BULK_TOKENS_BUSY | TTFT idle p50 s | TTFT under ingest p50 s (x idle) | p95 s (x idle) | chats "
+             "| ingest unloaded tok/s | ingest under chats tok/s (x unloaded) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for sl, idle_p50, lp50, lp95, n, un, under in rows:
+        lines.append(f"| {sl} | {idle_p50:.3f} | {lp50:.3f} ({lp50 / idle_p50:.2f}x) | {lp95:.3f} "
+                     f"({lp95 / idle_p50:.2f}x) | {n} | {un:.0f} | {under:.0f} ({under / un:.2f}x) |")
     text_out = "\n".join(lines) + "\n"
     print(text_out)
     if args.out:
@@ -329,9 +387,13 @@ def main() -> None:
     p.add_argument("--targets", action="store_true", help="the engine issue's rate targets in one run (see above)")
     p.add_argument("--target-lengths", default="8192,65536", help="with --targets: ingest lengths")
     p.add_argument("--load-tokens", type=int, default=131072, help="with --targets: the ingest under the chats")
-    p.add_argument("--out", help="with --targets: also write the table here")
+    p.add_argument("--tradeoff", help="comma-separated FAM_BULK_TOKENS_BUSY values: the TTFT / ingest trade")
+    p.add_argument("--out", help="with --targets or --tradeoff: also write the table here")
     args = p.parse_args()
     args.load_at_start = os.getloadavg()[0]
+    if args.tradeoff:
+        run_tradeoff(args)
+        return
     if args.targets:
         args.streams = args.streams or 8
         run_targets(args)

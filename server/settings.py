@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     memory_budget_bytes: int = Field(2 * 2**30, ge=0, description="resident session states above this spill to "
                                                                   "disk")
     checkpoint_seconds: float = Field(60.0, gt=0, description="a long ingest also saves its session this often")
+    bulk_tokens_busy: int = Field(64, ge=1, description="ingest tokens per engine step while chats generate (and "
+                                                        "for 2 s after): smaller gives chats faster tokens, larger "
+                                                        "keeps more of the ingest's rate (README: engine benchmark)")
 
     log_level: str = Field("info", description="debug, info, warning or error")
 
@@ -126,6 +129,7 @@ class Settings(BaseSettings):
             max_pdf_pages=self.max_pdf_pages,
             memory_budget_bytes=self.memory_budget_bytes,
             checkpoint_seconds=self.checkpoint_seconds,
+            bulk_tokens_busy=self.bulk_tokens_busy,
             store_url=self.store,
             lease_seconds=self.lease_seconds,
             lease_wait_seconds=self.lease_wait_seconds,

@@ -69,3 +69,14 @@ def test_a_redis_store_needs_the_shared_secret(monkeypatch, capsys):
     cfg = s.engine_config(b"shared")
     assert (cfg.store_url, cfg.lease_seconds, cfg.lease_wait_seconds) == ("redis://127.0.0.1:6379/0", 10.0, 30.0)
     assert Settings(store="").store is None  # an empty FAM_STORE is the data directory
+
+
+def test_the_ingest_slice_under_chats_reaches_the_engine(monkeypatch):
+    from server.engine import EngineConfig
+
+    assert Settings().engine_config(b"k").bulk_tokens_busy == EngineConfig(data_dir=".", secret=b"k").bulk_tokens_busy
+    monkeypatch.setenv("FAM_BULK_TOKENS_BUSY", "128")
+    assert Settings().engine_config(b"k").bulk_tokens_busy == 128
+    monkeypatch.setenv("FAM_BULK_TOKENS_BUSY", "0")
+    with pytest.raises(ValueError, match="bulk_tokens_busy"):
+        Settings()
