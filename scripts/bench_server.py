@@ -230,9 +230,8 @@ def run_targets(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
         proc, base = start_server(argparse.Namespace(**{**vars(args), "threads": threads}), data_dir)
         try:
-            new = lambda: httpx.post(f"{base}/v1/sessions").json()["id"]  # noqa: E731
             # the in-process references run in the mode the server's sessions get, while the server idles
-            mode = httpx.get(f"{base}/v1/sessions/{new()}").json()["mode"]
+            mode = httpx.get(f"{base}/v1/sessions/{new_session(base)}").json()["mode"]
             ref = {n: in_process(dict(kind=mode, dtype=args.dtype, n=n, decode=False, threads=threads))
                    for n in lengths}
             hf = in_process(dict(kind="hf", dtype=args.dtype, n=2048, decode=False, threads=threads))
@@ -241,13 +240,13 @@ def run_targets(args: argparse.Namespace) -> None:
             # a decoded token reads every weight once (bf16: 2 bytes; the lm_head included) and the whole state
             r8k = ref[n8k]
             token_bytes = 2 * (r8k["nonemb_params"] + r8k["lm_head_params"]) + r8k["state_bytes"]
-            warm = new()  # first ingest and chat: allocator pools, workspaces
+            warm = new_session(base)  # first ingest and chat: allocator pools, workspaces
             timed_ingest(base, warm, document(base, 600, 98))
             stream_chat(base, warm, 4)
             idle = [ttft(base, args.answer_tokens) for _ in range(5)]
             served = {}
             for n in lengths:
-                sid = new()
+                sid = new_session(base)
                 tokens, wall = timed_ingest(base, sid, document(base, n, n))
                 served[n] = (tokens / wall, sid)
             first, total, tokens = stream_chat(base, served[n8k][1], args.stream_tokens)
@@ -257,7 +256,7 @@ def run_targets(args: argparse.Namespace) -> None:
             for k in (1, args.streams):
                 results, wall = concurrent_chats(base, sids[:k], args.stream_tokens)
                 rates.append(sum(r[2] for r in results) / wall)
-            loaded, bulk_tokens, bulk_wall = loaded_ttfts(base, new(), document(base, args.load_tokens, 7),
+            loaded, bulk_tokens, bulk_wall = loaded_ttfts(base, new_session(base), document(base, args.load_tokens, 7),
                                                           args.answer_tokens)
         finally:
             child.stop(proc)
