@@ -301,7 +301,7 @@ def build(args: argparse.Namespace, mode: str) -> tuple[Any, str, dict[str, torc
 
 
 def train_step(rt: Any, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer, tokens: Tensor,
-               weights: Tensor, args: argparse.Namespace, step: int, detach_fam: bool = False,
+               weights: Tensor, args: argparse.Namespace, step: int, *, detach_fam: bool = False,
                readout_from: int | None = None) -> tuple[float, list[bool], float, float]:
     """One optimizer step on one batch: returns (loss per digit of the final question, exact match per row,
     gradient norm, the loss trained on: with `readout_from`, over the readouts too; see `answer_loss`)."""
@@ -365,7 +365,8 @@ def _sanity(args: argparse.Namespace, echo: bool) -> list[dict[str, Any]]:
                 for _ in range(args.batch)]
         ex = [data.example(args.distance, k, args.filler, args.random_offset) for k in keys]
         tokens, weights = to_batch(ex)
-        loss, exact, gn, _ = train_step(rt, trainable, opt, tokens, weights, args, step, args.control == "detach")
+        loss, exact, gn, _ = train_step(rt, trainable, opt, tokens, weights, args, step,
+                                        detach_fam=args.control == "detach")
         rec = {"step": step + 1, "key": args.key, "control": args.control, "distance": args.distance,
                "loss": round(loss, 4), "em": sum(exact) / len(exact), "grad_norm": round(gn, 4),
                "seconds": round(time.time() - t0, 1)}
