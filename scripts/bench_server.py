@@ -72,14 +72,14 @@ def document(base: str, n_tokens: int, seed: int) -> str:
     return " ".join(words[: max(1, len(words) * n_tokens // count)]) + "."
 
 
-def start_server(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, data_dir: str, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, str]:
     flags = ["--data-dir", data_dir, "--dtype", args.dtype, "--device", args.device]
     if args.model:
         flags += ["--model", args.model]
     if args.mode:
         flags += ["--mode", args.mode]
-    env = {"FAM_MAX_QUEUE": "256", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
-           **({"FAM_BULK_TOKENS_BUSY": str(args.bulk_tokens_busy)} if getattr(args, "bulk_tokens_busy", 0) else {})}
+    env = {"FAM_MAX_QUEUE": "256", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}), **(env or {})}
     return child.start(flags, env)
 
 
@@ -337,8 +337,8 @@ def run_tradeoff(args: argparse.Namespace) -> None:
     rows = []
     for slice_tokens in (int(x) for x in args.tradeoff.split(",")):
         with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
-            run_args = argparse.Namespace(**{**vars(args), "threads": threads, "bulk_tokens_busy": slice_tokens})
-            proc, base = start_server(run_args, data_dir)
+            proc, base = start_server(argparse.Namespace(**{**vars(args), "threads": threads}), data_dir,
+                                      {"FAM_BULK_TOKENS_BUSY": str(slice_tokens)})
             try:
                 warm = new_session(base)
                 timed_ingest(base, warm, document(base, 600, 98))
