@@ -7,9 +7,10 @@
 """
 
 from model.config import ArchConfig, FamConfig
+from model.decode import DecodeBatch
 from model.generate import Generation, SamplingParams, generate
 from model.runtime import FamRuntime, StateMismatchError
 from model.state import FamState
 
-__all__ = ["ArchConfig", "FamConfig", "FamRuntime", "FamState", "Generation", "SamplingParams", "StateMismatchError",
-           "generate"]
+__all__ = ["ArchConfig", "DecodeBatch", "FamConfig", "FamRuntime", "FamState", "Generation", "SamplingParams",
+           "StateMismatchError", "generate"]

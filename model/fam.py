@@ -24,6 +24,7 @@ import torch.nn.functional as F_
 from torch import Tensor, nn
 
 from model.config import ArchConfig, FamConfig
+from model.decode import DecodeBatch
 from model.state import FamState
 
 # Attention of up to this many query rows runs as plain matmuls in bf16/fp16 (Attention.few_queries).
@@ -68,7 +69,8 @@ class Attention(nn.Module):
         return self.out(self.heads(q, k, v, mask))
 
     def heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """Attention per head: q [b, H, R, hd], k/v [b, KV, C, hd] -> [b, H, R, hd]."""
+        """Attention per head: q [b, H, R, hd], k/v [b, KV, C, hd] -> [b, H, R, hd]. mask: None, boolean [R, C]
+        (True = attend) for every batch row, or (one query row, R = 1) a float32 bias [b, 1, 1, C] per row."""
         if q.shape[2] <= FEW_QUERIES and q.dtype != torch.float32:
             return self.few_queries(q, k, v, mask)
         return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
@@ -82,8 +84,10 @@ class Attention(nn.Module):
         b, r, g = q.shape[0], q.shape[2], self.n_heads // self.n_kv
         qg = q.reshape(b, self.n_kv, g * r, self.head_dim)  # query head h reads kv head h // g
         scores = (qg @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # [b, KV, g R, C]
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:  # [R, C], for every batch row
             scores = scores.masked_fill(~mask.repeat(g, 1), float("-inf"))
+        elif mask is not None:  # an additive float32 bias [b, 1, 1, C] for one query row per batch row
+            scores = scores + mask
         o = torch.softmax(scores, -1).to(v.dtype) @ v  # [b, KV, g R, hd]
         return o.reshape(b, self.n_heads, r, self.head_dim)
 
@@ -237,30 +241,63 @@ class FamLM(nn.Module):
         ((new, h),) = self.forward_many([state], [tokens], grad_from)
         return new, h
 
-    def forward_many(self, states: list[FamState], tokens: list[Tensor], grad_from: int = 0
-                     ) -> list[tuple[FamState, Tensor]]:
+    def forward_many(self, states: list[FamState], tokens: list[Tensor], grad_from: int = 0,
+                     decode: DecodeBatch | None = None) -> list[tuple[FamState, Tensor]]:
         """Several documents in one pass, each with its own cache layout, mode and chunk: the engine's batch across
         sessions, and (one document) `forward_chunk`. Document i is a state of batch b_i (rows of one layout) and
         tokens [b_i, T_i] ([T_i] when b_i = 1) inside its current block. The dense work (norms, projections, MLP,
         for block rows and feedback rows alike) runs over the rows of all documents at once, as one
-        [1, sum b_i R_i, d] batch; attention runs per document over its own cache and mask. Returns, per document,
-        the new state and the final-normed hidden states [b_i, T_i, d]. `grad_from`: as in `forward_chunk`.
+        [1, sum b_i R_i, d] batch; attention runs per document over its own cache and mask, except for the
+        documents that `decode` takes (inference only: those decoding one token inside their block), which attend
+        together over its persistent buffer. Returns, per document, the new state and the final-normed hidden
+        states [b_i, T_i, d]. `grad_from`: as in `forward_chunk`.
         """
         assert len(states) == len(tokens) and states, "one chunk of tokens per state"
+        assert decode is None or not torch.is_grad_enabled(), "a DecodeBatch is for inference"
         tokens = [t if t.dim() == 2 else t[None] for t in tokens]
+        grouped = [] if decode is None else [
+            i for i, (s, t) in enumerate(zip(states, tokens, strict=True)) if DecodeBatch.eligible(s, t.shape[1])]
+        slots = decode.admit([states[i] for i in grouped]) if decode is not None else []
+        alone = [i for i in range(len(states)) if i not in set(grouped)]
+        out: list[tuple[FamState, Tensor] | None] = [None] * len(states)
+        rest = self._forward_rows([states[i] for i in alone], [tokens[i] for i in alone], grad_from, decode,
+                                  [tokens[i] for i in grouped], slots)
+        for i, r in zip(alone + grouped, rest, strict=True):
+            out[i] = r
+        return out  # type: ignore[return-value]
+
+    def _forward_rows(self, states: list[FamState], tokens: list[Tensor], grad_from: int,
+                      decode: DecodeBatch | None, group_tokens: list[Tensor], slots: list[int]
+                      ) -> list[tuple[FamState, Tensor]]:
+        """`forward_many`'s pass: the documents `states` one by one in attention, then (with `decode`) the
+        documents in its buffer's rows `slots`, with their tokens [1, 1] each. Returns the first's results in
+        order, then the second's."""
         dt = self.embed_tokens.weight.dtype
         docs = [_Doc.plan(self, s, t) for s, t in zip(states, tokens, strict=True)]
         gated = any(s.cfg.fam_gate != 1.0 and d.fam_rows for s, d in zip(states, docs, strict=True))
         fam0 = self.initial_fam() if gated else None  # [L, F, d], once per call
-        # RoPE tables of the flattened rows (document by document, row by row): in the layers that update the
-        # feedback state a completing document's rows are [feedback rows ; tokens]; below them only tokens.
-        cos_all, sin_all = self.rope.cos_sin(torch.cat([d.pos.reshape(-1) for d in docs])[None], dt)
+        ng = len(slots)
+        if ng:
+            assert decode is not None
+            order = sorted(range(ng), key=slots.__getitem__)  # the group's rows run in buffer order
+            g_tok = torch.cat([group_tokens[k] for k in order])  # [n, 1]
+            at_g, mask_g = decode.start()
+            newest = decode.newest
+            g_pos = (torch.cat([s.base for s in newest]) - torch.tensor([s.cfg.F for s in newest], device=at_g.device)
+                     + at_g)  # a row's new token sits at cache slot n_cached
+        # RoPE tables of the flattened rows (document by document, row by row; the group's last): in the layers
+        # that update the feedback state a completing document's rows are [feedback rows ; tokens]; below them
+        # only tokens.
+        pos = [d.pos.reshape(-1) for d in docs] + ([g_pos] if ng else [])
+        cos_all, sin_all = self.rope.cos_sin(torch.cat(pos)[None], dt)
         start = 0
         for d in docs:
             d.index(start)
             start += d.pos.numel()
+        g_idx = torch.arange(start, start + ng, device=cos_all.device)
         tables: dict[tuple[bool, ...], tuple[Tensor, Tensor]] = {}
         hs = [self.embed_tokens(t) for t in tokens]  # [b_i, T_i, d] each
+        hg = self.embed_tokens(g_tok) if ng else None  # [n, 1, d]
         new_k: list[list[Tensor]] = [[] for _ in docs]
         new_v: list[list[Tensor]] = [[] for _ in docs]
         new_fam: list[list[Tensor]] = [[] for _ in docs]
@@ -273,11 +310,11 @@ class FamLM(nn.Module):
                 rows = [d.fam_rows if li >= s.cfg.fam_update_from else 0 for d, s in zip(docs, states, strict=True)]
                 key = tuple(r > 0 for r in rows)
                 if key not in tables:
-                    idx = torch.cat([d.upper if up else d.lower for d, up in zip(docs, key, strict=True)])
+                    idx = torch.cat([d.upper if up else d.lower for d, up in zip(docs, key, strict=True)] + [g_idx])
                     tables[key] = cos_all[:, :, idx], sin_all[:, :, idx]
                 cos, sin = tables[key]
                 x = torch.cat([_flat(torch.cat((f, h), 1) if r else h)
-                               for f, h, r in zip(fam_in, hs, rows, strict=True)], 1)
+                               for f, h, r in zip(fam_in, hs, rows, strict=True)] + ([_flat(hg)] if ng else []), 1)
                 xn = layer.input_layernorm(x)  # [1, R, d]
                 q = Rope.apply(attn.q(xn), cos, sin)
                 k, v = attn.kv(xn)  # the feedback rows' keys are computed and dropped: their keys are in the state
@@ -293,8 +330,14 @@ class FamLM(nn.Module):
                     new_k[i].append(keys)  # [feedback | cached slots | chunk]: the next state's cache of this layer
                     new_v[i].append(vals)
                     at += d.b * n
+                if ng:
+                    assert decode is not None
+                    gk, gv = decode.write(li, at_g, _unflat(k[:, :, at:], ng), _unflat(v[:, :, at:], ng))
+                    o = attn.heads(_unflat(q[:, :, at:], ng), gk, gv, mask_g)  # [n, H, 1, hd]
+                    outs.append(o.transpose(0, 1).reshape(1, o.shape[1], ng, o.shape[3]))
                 resid = torch.cat([_flat(torch.cat((f * d.keep, h), 1) if r else h)
-                                   for f, h, r, d in zip(fam_in, hs, rows, docs, strict=True)], 1)
+                                   for f, h, r, d in zip(fam_in, hs, rows, docs, strict=True)]
+                                  + ([_flat(hg)] if ng else []), 1)
                 y = layer.finish(resid, attn.out(torch.cat(outs, 2)))
                 at = 0
                 for i, (d, r) in enumerate(zip(docs, rows, strict=True)):
@@ -302,13 +345,20 @@ class FamLM(nn.Module):
                     new_fam[i].append(self._gated(states[i].cfg, fam0, li, yi[:, :r]) if r else fam_in[i])
                     hs[i] = yi[:, r:]
                     at += d.b * (r + d.T)
-        normed = self.norm(torch.cat([_flat(h) for h in hs], 1)).split([d.b * d.T for d in docs], 1)
+                if ng:
+                    hg = y[:, at:].reshape(ng, 1, -1)
+        normed = self.norm(torch.cat([_flat(h) for h in hs] + ([_flat(hg)] if ng else []), 1)).split(
+            [d.b * d.T for d in docs] + ([ng] if ng else []), 1)
         out = []
         for i, (d, s) in enumerate(zip(docs, states, strict=True)):
             new = replace(s, k=tuple(new_k[i]), v=tuple(new_v[i]), n_tokens=s.n_tokens + d.T, n_block=s.n_block + d.T)
             if d.completes:
                 new = self._complete_block(new, torch.stack(new_fam[i], 1) if d.fam_rows else None)
             out.append((new, normed[i].reshape(d.b, d.T, -1)))
+        if ng:
+            assert decode is not None
+            g_out = normed[-1].reshape(ng, 1, 1, -1)  # by buffer row
+            out += [(s, g_out[j]) for s, j in zip(decode.finish(slots), slots, strict=True)]
         return out
 
     @staticmethod

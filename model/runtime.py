@@ -21,6 +21,7 @@ from torch import Tensor
 from model import loader
 from model.adapter import Adapter, load_adapter
 from model.config import FamConfig
+from model.decode import DecodeBatch
 from model.fam import FamLM
 from model.state import FamState
 
@@ -113,11 +114,13 @@ class FamRuntime:
         state, h = self.module.forward_chunk(state, t[:, :n])
         return state, n, h[:, -1]
 
-    def forward_many(self, states: list[FamState], ids: list[list[int]]) -> list[tuple[FamState, Tensor]]:
+    def forward_many(self, states: list[FamState], ids: list[list[int]], decode: DecodeBatch | None = None
+                     ) -> list[tuple[FamState, Tensor]]:
         """One pass over several documents (states of batch 1, each with a chunk inside its current block; see
-        `FamLM.forward_many`). Returns per document the new state and the final-normed hidden states [T_i, d]."""
+        `FamLM.forward_many`, and `model.decode` for `decode`). Returns per document the new state and the
+        final-normed hidden states [T_i, d]."""
         toks = [torch.as_tensor(i, dtype=torch.long, device=self.device) for i in ids]
-        return [(s, h[0]) for s, h in self.module.forward_many(states, toks)]
+        return [(s, h[0]) for s, h in self.module.forward_many(states, toks, decode=decode)]
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden states [..., d] -> float32 logits [..., V]."""

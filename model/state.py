@@ -63,6 +63,12 @@ class FamState:
         """Bytes held by this state's tensors (what a session costs in memory)."""
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
+    def compact(self) -> FamState:
+        """The same state with tensors that own their storage. A state cut from a larger buffer (a row of a
+        `DecodeBatch`, of a stacked batch) keeps that whole buffer alive while `nbytes` counts only its part; a
+        state kept for long (a session's) is compacted, which copies only the tensors that are such views."""
+        return self.map(lambda t: t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone())
+
     def _tensors(self) -> list[Tensor]:
         return [*self.k, *self.v, self.fam, self.fam_fresh, self.base, self.n_tokens]
 

@@ -6,13 +6,16 @@ turns for `--rounds` rounds (the medians are printed, so a noisy machine hurts l
 
   single      one session alone, `forward_chunk` (the path before batching)
   sequential  the N sessions one after another, `forward_chunk` each
-  ragged      the N sessions in one `forward_many` pass per token (what the engine runs): dense layers over all
-              rows at once, attention per session over its own cache
+  ragged      the N sessions in one `forward_many` pass per token: dense layers over all rows at once,
+              attention per session over its own cache
+  batched     the ragged pass with a persistent `DecodeBatch` (what the engine runs): the sessions' caches in one
+              padded buffer per layer that each token is written into, one masked attention for all of them
+  single-batched  one session through a `DecodeBatch` (what the engine runs for one stream)
   stacked     N copies of one state stacked into one batch (`FamState.stack` + `forward_chunk`): the bound that
               grouping by equal layout (or padding to one) could reach, since it needs no per-session attention
 
 Every variant includes the lm_head and an argmax per token. Usage:
-    python scripts/bench_decode.py --sessions 8 --steps 4 --rounds 3 --threads 2
+    python scripts/bench_decode.py --sessions 8 --steps 16 --rounds 3 --threads 2
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 import torch
 
 from model import FamRuntime, FamState
+from model.decode import DecodeBatch
 
 
 def main() -> None:
@@ -32,7 +36,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--doc-tokens", type=int, default=400, help="the first session's document; each next +37")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -68,13 +72,22 @@ def main() -> None:
                 toks = list(m.logits(torch.cat([h[:, -1] for _, h in out])).argmax(-1, keepdim=True))
             return n * args.steps
 
+        def batched(sessions: list[FamState]) -> int:
+            st, toks, batch = list(sessions), [torch.tensor([1])] * len(sessions), DecodeBatch()
+            for _ in range(args.steps):
+                out = m.forward_many(st, toks, decode=batch)
+                st = [s for s, _ in out]
+                toks = list(m.logits(torch.cat([h[:, -1] for _, h in out])).argmax(-1, keepdim=True))
+            return len(sessions) * args.steps
+
         def stacked() -> int:
             s, h = FamState.stack([states[0]] * n), m.embed_tokens.weight[None, :1].expand(n, 1, -1)
             for _ in range(args.steps):
                 s, h = decode(s, h)
             return n * args.steps
 
-        variants = {"single": single, "sequential": sequential, "ragged": ragged, "stacked": stacked}
+        variants = {"single": single, "single-batched": lambda: batched(states[:1]), "sequential": sequential,
+                    "ragged": ragged, "batched": lambda: batched(states), "stacked": stacked}
         rates: dict[str, list[float]] = {k: [] for k in variants}
         for fn in variants.values():  # warm-up
             fn()

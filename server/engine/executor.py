@@ -2,7 +2,9 @@
 
 It runs the works of one engine step as one batched pass (`FamRuntime.forward_many`: the dense layers over the
 rows of every work at once, attention per session over its own cache, so sessions at any fill of their block
-share the pass), then one `lm_head` over the rows whose logits were asked for. If the batched pass raises, each
+share the pass), then one `lm_head` over the rows whose logits were asked for. The sessions that decode step
+after step keep their caches in the executor's `DecodeBatch` (one padded buffer per layer, appended in place, one
+attention call for all of them); the states the jobs get back are still values. If the batched pass raises, each
 work runs alone, so that a failure stays with the work that caused it.
 
 Every pass runs on the pool the server was started with. An earlier rule ran small and interactive passes on one
@@ -18,7 +20,7 @@ import logging
 
 import torch
 
-from model import FamRuntime
+from model import DecodeBatch, FamRuntime
 from server.engine.work import Output, Work
 
 log = logging.getLogger(__name__)
@@ -27,11 +29,13 @@ log = logging.getLogger(__name__)
 class Executor:
     def __init__(self, rt: FamRuntime):
         self.rt = rt
+        self.decode = DecodeBatch()  # the caches of the sessions that decode step after step (model/decode.py)
 
     def run(self, works: list[Work]) -> list[Output | Exception]:
         try:
-            return list(self._pass(works))
+            return list(self._pass(works, self.decode))
         except Exception as e:
+            self.decode = DecodeBatch()  # its rows may be half-written (the states it returned are untouched)
             if len(works) == 1:
                 return [e]
             log.warning("a batched pass of %d works failed (%s: %s); running them one by one", len(works),
@@ -44,8 +48,8 @@ class Executor:
         except Exception as e:
             return e
 
-    def _pass(self, works: list[Work]) -> list[Output]:
-        results = self.rt.forward_many([w.state for w in works], [w.tokens for w in works])
+    def _pass(self, works: list[Work], decode: DecodeBatch | None = None) -> list[Output]:
+        results = self.rt.forward_many([w.state for w in works], [w.tokens for w in works], decode)
         rows = [h[-1:] if w.logits == "last" else h for w, (_, h) in zip(works, results, strict=True)
                 if w.logits != "none"]
         logits = iter(self.rt.logits(torch.cat(rows)).split([len(r) for r in rows]) if rows else ())

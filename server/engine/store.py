@@ -321,6 +321,7 @@ class Session:
                            created=self.created, metadata=self.metadata)
 
     def set_state(self, state: FamState) -> None:
+        state = state.compact()  # a state that ends a decode holds views of the executor's shared buffers
         self.state, self.dirty = state, True
         self.tokens, self.state_bytes = int(state.n_tokens[0]), state.nbytes
         self.last_used = time.monotonic()

@@ -188,10 +188,10 @@ class FlakyRuntime:
     def __getattr__(self, name):
         return getattr(self._rt, name)
 
-    def forward_many(self, states, ids):
+    def forward_many(self, states, ids, decode=None):
         if any(POISON in chunk for chunk in ids):
             raise RuntimeError("simulated model failure")
-        return self._rt.forward_many(states, ids)
+        return self._rt.forward_many(states, ids, decode)
 
 
 def test_model_exception_fails_only_its_request(tmp_path, tiny_runtime):
