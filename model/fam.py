@@ -248,8 +248,8 @@ class FamLM(nn.Module):
         tokens [b_i, T_i] ([T_i] when b_i = 1) inside its current block. The dense work (norms, projections, MLP,
         for block rows and feedback rows alike) runs over the rows of all documents at once, as one
         [1, sum b_i R_i, d] batch; attention runs per document over its own cache and mask, except for the
-        documents that `decode` takes (inference only: those decoding one token inside their block), which attend
-        together over its persistent buffer. Returns, per document, the new state and the final-normed hidden
+        documents that `decode` takes (inference only: two or more decoding one token inside their block), which
+        attend together over its persistent buffer. Returns, per document, the new state and the final-normed hidden
         states [b_i, T_i, d]. `grad_from`: as in `forward_chunk`.
         """
         assert len(states) == len(tokens) and states, "one chunk of tokens per state"
@@ -257,6 +257,8 @@ class FamLM(nn.Module):
         tokens = [t if t.dim() == 2 else t[None] for t in tokens]
         grouped = [] if decode is None else [
             i for i, (s, t) in enumerate(zip(states, tokens, strict=True)) if DecodeBatch.eligible(s, t.shape[1])]
+        if len(grouped) < 2:  # one alone through the buffer: 17.2 against 19.2 tok/s in bf16, equal in float32
+            grouped = []
         slots = decode.admit([states[i] for i in grouped]) if decode is not None else []
         alone = [i for i in range(len(states)) if i not in set(grouped)]
         out: list[tuple[FamState, Tensor] | None] = [None] * len(states)

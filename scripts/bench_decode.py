@@ -10,7 +10,6 @@ turns for `--rounds` rounds (the medians are printed, so a noisy machine hurts l
               attention per session over its own cache
   batched     the ragged pass with a persistent `DecodeBatch` (what the engine runs): the sessions' caches in one
               padded buffer per layer that each token is written into, one masked attention for all of them
-  single-batched  one session through a `DecodeBatch` (what the engine runs for one stream)
   stacked     N copies of one state stacked into one batch (`FamState.stack` + `forward_chunk`): the bound that
               grouping by equal layout (or padding to one) could reach, since it needs no per-session attention
 
@@ -72,13 +71,13 @@ def main() -> None:
                 toks = list(m.logits(torch.cat([h[:, -1] for _, h in out])).argmax(-1, keepdim=True))
             return n * args.steps
 
-        def batched(sessions: list[FamState]) -> int:
-            st, toks, batch = list(sessions), [torch.tensor([1])] * len(sessions), DecodeBatch()
+        def batched() -> int:
+            st, toks, batch = list(states), [torch.tensor([1])] * n, DecodeBatch()
             for _ in range(args.steps):
                 out = m.forward_many(st, toks, decode=batch)
                 st = [s for s, _ in out]
                 toks = list(m.logits(torch.cat([h[:, -1] for _, h in out])).argmax(-1, keepdim=True))
-            return len(sessions) * args.steps
+            return n * args.steps
 
         def stacked() -> int:
             s, h = FamState.stack([states[0]] * n), m.embed_tokens.weight[None, :1].expand(n, 1, -1)
@@ -86,8 +85,8 @@ def main() -> None:
                 s, h = decode(s, h)
             return n * args.steps
 
-        variants = {"single": single, "single-batched": lambda: batched(states[:1]), "sequential": sequential,
-                    "ragged": ragged, "batched": lambda: batched(states), "stacked": stacked}
+        variants = {"single": single, "sequential": sequential, "ragged": ragged, "batched": batched,
+                    "stacked": stacked}
         rates: dict[str, list[float]] = {k: [] for k in variants}
         for fn in variants.values():  # warm-up
             fn()

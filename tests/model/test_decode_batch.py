@@ -34,7 +34,7 @@ def test_decode_batch_matches_one_by_one(tiny_dirs, dtype):
     active = [0, 1]
     for step in range(60):
         if step % 6 == 0:  # documents join and leave
-            active = sorted(rng.sample(range(len(docs)), rng.randint(1, len(docs))))
+            active = sorted(rng.sample(range(len(docs)), rng.randint(2, len(docs))))
         if step % 17 == 5 and kept:  # a state comes back older (a cancelled turn)
             docs[active[0]] = kept[-1][0]
         if step % 23 == 7:  # a document forks: both copies decode on
@@ -52,6 +52,8 @@ def test_decode_batch_matches_one_by_one(tiny_dirs, dtype):
             docs[i] = new
             kept.append((new, _copy(new)))
     assert in_place > 20  # most steps appended in place
+    m.forward_many([docs[0]], [torch.tensor([5])], decode=batch)  # one decoding document runs alone
+    assert not batch.k
     # a state the batch returned views a buffer of all its rows; compact() gives one that owns only itself
     view = next(new for new, _ in reversed(kept) if new.k[0].untyped_storage().nbytes() > new.k[0].nbytes)
     alone = view.compact()
