@@ -54,8 +54,8 @@ class FamRuntime:
         tokenizer = loader.load_tokenizer(folder)
         adapter_obj = load_adapter(adapter, name) if adapter else None
         fam = (fam or (adapter_obj.fam_config() if adapter_obj else FamConfig())).replace(**(fam_overrides or {}))
-        module, hf_config = loader.load_module(folder, fam, loader.resolve_dtype(dtype),
-                                               loader.resolve_device(device), tokenizer)
+        dev = loader.resolve_device(device)
+        module, hf_config = loader.load_module(folder, fam, loader.resolve_dtype(dtype, dev), dev, tokenizer)
         rt = cls(module, tokenizer, name, folder, hf_config)
         if adapter_obj:
             adapter_obj.apply(rt)
@@ -129,7 +129,8 @@ class FamRuntime:
     # ---------------------------------------------------------------------------------------------- persistence
 
     def state_fingerprint(self, cfg: FamConfig) -> dict[str, Any]:
-        """What a saved state must match to be loaded: model, adapter, B/m/F/mode and dtype."""
+        """What a saved state records of its making: model, adapter, B/m/F/mode and dtype (all but the dtype and
+        the mode must match for it to load)."""
         return {"model": self.model_fingerprint, "model_name": self.name,
                 "adapter": self.adapter.fingerprint if self.adapter else None,
                 "dtype": str(self.dtype).removeprefix("torch."), **cfg.describe()}
@@ -154,10 +155,13 @@ class FamRuntime:
         cfg = FamConfig(**fields)
         # Sessions may differ in mode; everything else must be this runtime's configuration.
         saved, ours = json.loads(meta["fingerprint"]), self.state_fingerprint(self.fam_config.replace(mode=cfg.mode))
-        diff = [f"{k}: saved {saved.get(k)!r}, this server {ours[k]!r}" for k in ours if saved.get(k) != ours[k]]
+        # The dtype may differ (servers on different hardware pick different ones: `--dtype auto`): the state is
+        # cast, exactly from bfloat16 to float32 and rounded the other way.
+        diff = [f"{k}: saved {saved.get(k)!r}, this server {ours[k]!r}" for k in ours
+                if k != "dtype" and saved.get(k) != ours[k]]
         if diff:
             raise StateMismatchError("state was saved under a different configuration: " + "; ".join(diff))
-        t = {k: v.to(self.device) for k, v in st_load(data).items()}
+        t = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in st_load(data).items()}
         state = FamState(cfg=cfg, k=t["k"].unbind(1), v=t["v"].unbind(1), fam=t["fam"],
                          fam_fresh=t["fam_fresh"].bool(), base=t["base"], n_tokens=t["n_tokens"],
                          n_block=int(meta["n_block"]), n_sinks=int(meta["n_sinks"]))

@@ -18,13 +18,13 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from model import FamRuntime
+from model.loader import cpu_has_amx
 from server import errors, openapi
 from server.data_dir import DataDirLock, snapshot_secret
 from server.engine import Engine
@@ -40,19 +40,13 @@ def load_runtime(settings: Settings) -> FamRuntime:
     """The model as the settings ask for it. Explicit FAM settings override the adapter's / model's own."""
     rt = FamRuntime.load(source=settings.model, dtype=settings.dtype, device=settings.device,
                          adapter=settings.adapter, fam_overrides=settings.fam_overrides())
+    log.info("model %s on %s in %s (--dtype %s)", rt.name, rt.device, str(rt.dtype).removeprefix("torch."),
+             settings.dtype)
     if rt.device.type == "cpu" and rt.dtype == torch.bfloat16 and cpu_has_amx() is False:
-        log.warning("this CPU has no AMX, so bfloat16 matmuls run at about half the float32 rate: --dtype float32 "
-                    "ingests and decodes ~1.4x faster here at twice the memory per session (README, Limits)")
+        log.warning("this CPU has no AMX, so its bfloat16 matmuls are slower than its float32 ones (2x to 8x): "
+                    "--dtype auto or float32 ingests and decodes faster here, at twice the memory per session "
+                    "(README, Limits)")
     return rt
-
-
-def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
-    """Whether the CPU has AMX bf16 tiles (Linux's cpuinfo flags); None where that file is not there."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
 
 
 def create_app(settings: Settings | None = None, runtime: FamRuntime | None = None, *,

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
                                                               "model's)")
     fam_len: int | None = Field(None, ge=1, description="FAM vectors per layer F (unset: the adapter's or the "
                                                         "model's)")
-    dtype: str = Field("bfloat16", description="bfloat16 or float32")
+    dtype: str = Field("auto", description="auto (bfloat16 on CUDA and on CPUs with AMX, else float32), bfloat16 "
+                                           "or float32")
     device: str = Field("auto", description="cpu, cuda or auto")
 
     # --- storage and security

@@ -225,7 +225,8 @@ def test_memory_is_only_reachable_through_fam(tiny_dirs):
 
 @torch.no_grad()
 def test_runtime_roundtrip_and_mismatch(tiny_chat_dir):
-    """Save -> load -> continue equals never saving; another configuration refuses the state by name."""
+    """Save -> load -> continue equals never saving; another configuration refuses the state by name; another
+    dtype casts it."""
     rt = FamRuntime.load(tiny_chat_dir, fam=FamConfig(block_size=16, memory_blocks=1, fam_len=4), dtype="float32")
     ids = rt.encode("The quick brown fox jumps over the lazy dog. " * 6)
     state, _ = rt.ingest(rt.new_state(), ids)
@@ -239,8 +240,11 @@ def test_runtime_roundtrip_and_mismatch(tiny_chat_dir):
     with pytest.raises(ValueError, match="block_size: saved 16, this server 32"):
         other.state_from_bytes(rt.state_to_bytes(state))
     bf16 = FamRuntime.load(tiny_chat_dir, fam=FamConfig(block_size=16, memory_blocks=1, fam_len=4), dtype="bfloat16")
-    with pytest.raises(ValueError, match="dtype"):
-        bf16.state_from_bytes(rt.state_to_bytes(state))
+    cast, _ = bf16.state_from_bytes(rt.state_to_bytes(state))  # another dtype: the state is cast
+    assert cast.k[0].dtype == cast.fam.dtype == torch.bfloat16 and cast.base.dtype == torch.int64
+    assert_states_equal(cast.map(lambda t: t.float() if t.is_floating_point() else t), state, atol=0.05, rtol=0.02)
+    back, _ = rt.state_from_bytes(bf16.state_to_bytes(cast))  # and back: bfloat16 -> float32 is exact
+    assert_states_equal(back, cast.map(lambda t: t.float() if t.is_floating_point() else t), atol=0, rtol=0)
     with pytest.raises(ValueError, match="not a FAM state"):
         rt.state_from_bytes(b"\x00" * 4 + b"garbage")
     data = rt.state_to_bytes(state)

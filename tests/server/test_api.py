@@ -366,7 +366,7 @@ def test_the_model_loads_in_a_thread_that_ends_with_the_load(monkeypatch, tmp_pa
 
 
 def test_cpu_has_amx_reads_the_flags(tmp_path):
-    from server.app import cpu_has_amx
+    from model.loader import cpu_has_amx
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
@@ -374,6 +374,15 @@ def test_cpu_has_amx_reads_the_flags(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
     assert cpu_has_amx(str(info)) is False
     assert cpu_has_amx(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("amx, dtype", [(True, torch.bfloat16), (False, torch.float32), (None, torch.float32)])
+def test_dtype_auto_is_bfloat16_only_on_cpus_with_amx(monkeypatch, amx, dtype):
+    from model import loader
+
+    monkeypatch.setattr(loader, "cpu_has_amx", lambda: amx)
+    assert loader.resolve_dtype("auto", torch.device("cpu")) == dtype
+    assert loader.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # asked for, it is kept
 
 
 def test_failed_load_is_reported(tmp_path, error):

@@ -23,7 +23,7 @@ def test_defaults(monkeypatch):
     for name in ("FAM_MODEL", "FAM_ADAPTER", "FAM_DTYPE", "FAM_DEVICE", "FAM_DATA_DIR", "FAM_BLOCK_SIZE"):
         monkeypatch.delenv(name, raising=False)
     s = Settings()
-    assert (s.model, s.adapter, s.dtype, s.device, str(s.data_dir)) == (None, "auto", "bfloat16", "auto", "data")
+    assert (s.model, s.adapter, s.dtype, s.device, str(s.data_dir)) == (None, "auto", "auto", "auto", "data")
     assert s.fam_overrides() == {} and s.api_key_list == []
     assert Settings(adapter="none").adapter is None
 
@@ -44,7 +44,7 @@ def test_help_is_generated_from_the_settings(capsys):
         field = Settings.model_fields[name]
         assert f"--{name.replace('_', '-')}" in help_text and f"FAM_{name.upper()}" in help_text
         assert " ".join(field.description.split()) in help_text, name
-    assert "FAM_PORT, default 8000" in help_text and "FAM_DTYPE, default bfloat16" in help_text
+    assert "FAM_PORT, default 8000" in help_text and "FAM_DTYPE, default auto" in help_text
 
 
 def test_every_setting_is_described():
