@@ -276,7 +276,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint", action="store_true",
                     help=f"per-block activation checkpointing (always on for batches of >= {AUTO_CHECKPOINT_TOKENS} "
                          "tokens)")
-    ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
+    ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                    help="as finetune's: auto = bf16 on CUDA and on CPUs with AMX, else off (float32)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from model import loader
 from model.config import FamConfig
 from model.loader import FAM_PROMPT_INIT_TEXT
 from model.runtime import FamRuntime
@@ -77,9 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="recompute each block's activations in the backward pass instead of keeping them: memory "
                          "per block instead of per sequence, for an extra forward (docs/training_step.md)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    ap.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
+    ap.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                     help="autocast dtype on the device's type (fp16: CUDA only, with loss scaling); the base "
-                         "weights are stored in bf16 (fp16 with --amp fp16, fp32 with off)")
+                         "weights are stored in bf16 (fp16 with --amp fp16, fp32 with off); auto: what the "
+                         "server's --dtype auto picks (bf16 on CUDA and on CPUs with AMX, else off)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--p-carry", type=float, default=0.8)
     ap.add_argument("--rsp-warmup", type=int, default=50,
@@ -132,7 +134,8 @@ def setup(args: argparse.Namespace) -> tuple[FamRuntime, str, dict[str, torch.nn
     fam = FamConfig(mode=args.mode, block_size=args.block_size, memory_blocks=args.memory_blocks,
                     fam_len=args.fam_len, fam_update_from=args.fam_update_from,
                     fam_gate=1.0 if getattr(args, "fam_gate", None) is None else args.fam_gate)
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "off": "float32"}[getattr(args, "amp", "bf16")]
+    args.amp = resolve_amp(getattr(args, "amp", "bf16"), getattr(args, "device", "cpu"))
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "off": "float32"}[args.amp]
     rt = FamRuntime.load(args.model, fam=fam, dtype=dtype, device=getattr(args, "device", "cpu"))
     base_fp = rt.model_fingerprint  # before anything is applied
     torch.manual_seed(args.seed)
@@ -263,8 +266,21 @@ def _no_timer(name: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def resolve_amp(amp: str, device: str) -> str:
+    """--amp auto -> bf16, fp16 or off, as `model.loader.resolve_dtype("auto")` picks the serving dtype: on a CPU
+    without AMX bf16 is the slow choice (docs/bench_model_avx2.md); the others are kept as asked."""
+    if amp != "auto":
+        return amp
+    dt = loader.resolve_dtype("auto", loader.resolve_device(device))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "off")
+
+
 def autocast(device: torch.device, amp: str) -> AbstractContextManager[Any]:
-    """Autocast on the device's type: bf16 (CPU or CUDA), fp16 (CUDA only) or off."""
+    """Autocast on the device's type: bf16 (CPU or CUDA), fp16 (CUDA only), off, or auto (`resolve_amp`)."""
+    amp = resolve_amp(amp, str(device))
     if amp == "off":
         return nullcontext()
     if amp == "fp16" and device.type != "cuda":

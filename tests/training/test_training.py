@@ -462,3 +462,13 @@ def test_fused_head_equals_autograd(topk):
         out.append((ce, kl, correct, hh.grad, ww.grad))
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("amx, amp", [(True, "bf16"), (False, "off"), (None, "off")])
+def test_amp_auto_follows_the_serving_dtype(monkeypatch, amx, amp):
+    from model import loader
+    from training.finetune import resolve_amp
+
+    monkeypatch.setattr(loader, "cpu_has_amx", lambda: amx)
+    assert resolve_amp("auto", "cpu") == amp
+    assert resolve_amp("bf16", "cpu") == "bf16" and resolve_amp("off", "cpu") == "off"  # asked for, kept
