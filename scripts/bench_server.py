@@ -50,6 +50,7 @@ from pathlib import Path
 import httpx
 from bench_model import run as in_process  # scripts/: one bench_model measurement in its own process
 
+from model import loader
 from server import child
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -237,9 +238,10 @@ def run_targets(args: argparse.Namespace) -> None:
             hf = in_process(dict(kind="hf", dtype=args.dtype, n=2048, decode=False, threads=threads))
             hf_rate = 2048 / hf["ingest_s"]
             bandwidth = memory_bandwidth(threads)
-            # a decoded token reads every weight once (bf16: 2 bytes; the lm_head included) and the whole state
+            # a decoded token reads every weight once (the lm_head included) and the whole state
             r8k = ref[n8k]
-            token_bytes = 2 * (r8k["nonemb_params"] + r8k["lm_head_params"]) + r8k["state_bytes"]
+            weight_bytes = 4 if args.dtype == "float32" else 2
+            token_bytes = weight_bytes * (r8k["nonemb_params"] + r8k["lm_head_params"]) + r8k["state_bytes"]
             warm = new_session(base)  # first ingest and chat: allocator pools, workspaces
             timed_ingest(base, warm, document(base, 600, 98))
             stream_chat(base, warm, 4)
@@ -377,7 +379,7 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=8, help="max_tokens of the answering client's chats")
     p.add_argument("--model", help="model for fam-server (default: the server's default model)")
     p.add_argument("--mode", help="session mode (default: the server's)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="as fam-server's --dtype (auto: float32 on CPUs without AMX)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the server (default: torch's)")
     p.add_argument("--streams", type=int, default=0, help="measure N concurrent streaming chats vs one instead")
@@ -390,6 +392,8 @@ def main() -> None:
     p.add_argument("--out", help="with --targets or --tradeoff: also write the table here")
     args = p.parse_args()
     args.load_at_start = os.getloadavg()[0]
+    if args.dtype == "auto":  # the name the server will pick, so the in-process references run the same dtype
+        args.dtype = str(loader.resolve_dtype("auto", loader.resolve_device(args.device))).removeprefix("torch.")
     if args.tradeoff:
         run_tradeoff(args)
         return
