@@ -286,6 +286,8 @@ class Engine:
                     self._accept(item)
                 self._step()
                 self.store.enforce_budget(self.scheduler.idle)
+                if not self.scheduler.has_work():
+                    self.executor.release()  # the decode buffers are not kept while the worker waits
             self._shut_down()
 
     def _accept(self, item: Job | _Call) -> None:

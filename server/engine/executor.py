@@ -42,6 +42,10 @@ class Executor:
                         type(e).__name__, e)
             return [self._alone(w) for w in works]
 
+    def release(self) -> None:
+        """Drop the decode buffers (idle: nothing decodes). The states handed out keep only their own rows' views."""
+        self.decode = DecodeBatch()
+
     def _alone(self, work: Work) -> Output | Exception:
         try:
             return self._pass([work])[0]

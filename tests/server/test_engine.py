@@ -352,12 +352,26 @@ def test_concurrent_generations_decode_in_one_batch(tmp_path, tiny_runtime):
                  for sid, q in zip(sids, questions, strict=True)]
         sizes: list[int] = []
         run_works = eng.executor.run
-        eng.executor.run = lambda works: sizes.append(len(works)) or run_works(works)
+        rows: list[int] = []  # the decode buffer's rows after each pass
+
+        def counted(works):
+            sizes.append(len(works))
+            out = run_works(works)
+            rows.append(len(eng.executor.decode.lengths))
+            return out
+
+        eng.executor.run = counted
         jobs = [eng.generate("", params, session_id=sid, messages=q) for sid, q in zip(sids, questions, strict=True)]
         together = [r.text for r in await asyncio.gather(*(j.result() for j in jobs))]
+        for _ in range(100):  # the worker goes idle right after the last step
+            if not eng.executor.decode.lengths:
+                break
+            await asyncio.sleep(0.02)
+        released = not eng.executor.decode.lengths
         await eng.stop()
-        return alone, together, sizes
+        return alone, together, sizes, rows, released
 
-    alone, together, sizes = run(main())
+    alone, together, sizes, rows, released = run(main())
     assert together == alone
+    assert rows.count(4) >= params.max_tokens - 2 and released  # decoded through the shared buffer, then freed
     assert max(sizes) == 4 and sizes.count(4) >= params.max_tokens - 1  # all four decode in the same steps
