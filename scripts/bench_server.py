@@ -13,7 +13,7 @@ one stream alone, then N concurrent streams on N sessions (each holding a short 
 first request sent to the last stream ended. The engine decodes concurrent streams in one batched pass per token.
 
 With --targets it measures the engine issue's four rate targets in one run, on one server, beside the in-process
-references (`scripts/bench_model.py` workers: the runtime's own ingest at the same lengths, Hugging Face's bf16
+references (`scripts/bench_model.py` workers: the runtime's own ingest at the same lengths, Hugging Face's
 prefill at 2k), and writes the table to --out:
   - ingest through the server (text over HTTP, one session each) at --target-lengths against the runtime alone;
   - single-stream decode after an 8k-token document (decode rate = tokens after the first / time after the first);
@@ -273,7 +273,7 @@ def run_targets(args: argparse.Namespace) -> None:
     for n in lengths:
         lines.append(f"| ingest {n} tokens: in-process runtime ({mode}) | {n / ref[n]['ingest_s']:.0f} |")
         lines.append(f"| ingest {n} tokens: through the server | {served[n][0]:.0f} |")
-    lines += [f"| Hugging Face bf16 prefill, 2048 tokens, in-process | {hf_rate:.0f} |",
+    lines += [f"| Hugging Face {args.dtype} prefill, 2048 tokens, in-process | {hf_rate:.0f} |",
               f"| single-stream decode after {n8k} tokens, through the server | {decode:.1f} |",
               f"| memory read rate, GB/s (sum of a 1 GiB tensor, {threads} thread(s)) | {bandwidth / 1e9:.1f} |",
               f"| decode roofline: that rate / {token_bytes / 1e6:.0f} MB read per token (weights + state), tok/s "
