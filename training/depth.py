@@ -8,7 +8,7 @@ The text is the R manuals of Debian's r-doc-pdf (R-intro, R-lang, R-data, R-admi
 the 2,415-page reference manual; ~1.8M tokens of technical English the adapter never saw), extracted once with
 pypdf and cached in runs/depth/.
 
-Systems (default model, bf16; B, m and F are the bundled adapter's):
+Systems (default model, bf16 unless --dtype says otherwise; B, m and F are the bundled adapter's):
   fam-adapter   fam with the bundled adapter, as the server runs it
   sink-adapter  sink with the adapter's LoRA attached (what a default session runs while the adapter is loaded)
   bswa-adapter  bswa with the adapter's LoRA
@@ -42,7 +42,6 @@ from model.runtime import FamRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "depth"
-CELLS = RUNS / "cells.jsonl"
 R_MANUALS = Path("/usr/share/R/doc/manual")
 R_ORDER = ("R-intro", "R-lang", "R-data", "R-admin", "R-FAQ", "R-ints", "R-exts", "fullrefman")
 DEPTHS = (2048, 4096, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072, 196608, 262144, 393216, 524288,
@@ -138,11 +137,12 @@ def trace_row(block: int, tokens: int, old: Tensor, new: Tensor, start: int) -> 
 
 
 @torch.inference_mode()
-def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int], overrides: dict) -> None:
+def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int], overrides: dict, runs: Path
+               ) -> None:
     """One pass of fam over the stream up to the deepest window, scoring every window and tracing the state."""
     m, B = rt.module, rt.fam_config.block_size
-    ckpt, trace = RUNS / f"{system}.state", RUNS / f"{system}.trace.jsonl"
-    done = {c["depth"] for c in cells() if c["system"] == system}
+    ckpt, trace = runs / f"{system}.state", runs / f"{system}.trace.jsonl"
+    done = {c["depth"] for c in cells(runs) if c["system"] == system}
     todo = sorted(d for d in depths if d not in done)
     if not todo:
         return
@@ -167,8 +167,9 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
                 got = score(m, h[:, lo - a:hi - a], ids[lo + 1:hi + 1])
                 acc[0], acc[1] = acc[0] + got[0], acc[1] + got[1]
                 if hi == d + WINDOW:
-                    record({"system": system, "set": overrides, "depth": d, "hits": acc[0], "n": acc[1],
-                            "accuracy": round(acc[0] / acc[1], 4), "seconds": round(time.time() - t0)})
+                    record(runs, {"system": system, "set": overrides, "dtype": dtype_name(rt), "depth": d,
+                                  "hits": acc[0], "n": acc[1], "accuracy": round(acc[0] / acc[1], 4),
+                                  "seconds": round(time.time() - t0)})
                     print(f"{system} depth {d}: {acc[0] / acc[1]:.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
                           f"tok/s since start)", flush=True)
         if b % B == 0 and state.cfg.F:
@@ -182,22 +183,27 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
     ckpt.write_bytes(rt.state_to_bytes(state))  # a deeper run later resumes from here
 
 
-def cells(path: Path = CELLS) -> list[dict]:
+def cells(runs: Path) -> list[dict]:
+    path = runs / "cells.jsonl"
     return [json.loads(line) for line in path.open()] if path.is_file() else []
 
 
-def record(rec: dict) -> None:
-    CELLS.parent.mkdir(parents=True, exist_ok=True)
-    with CELLS.open("a") as f:
+def record(runs: Path, rec: dict) -> None:
+    runs.mkdir(parents=True, exist_ok=True)
+    with (runs / "cells.jsonl").open("a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
-def load_system(system: str, adapter: Path, overrides: dict) -> tuple[FamRuntime, str]:
+def dtype_name(rt: FamRuntime) -> str:
+    return str(rt.dtype).removeprefix("torch.")
+
+
+def load_system(system: str, adapter: Path, overrides: dict, dtype: str) -> tuple[FamRuntime, str]:
     mode, weights = system.split("-")
     if weights == "adapter":
-        return FamRuntime.load(None, adapter=adapter, dtype="bfloat16", fam_overrides=overrides), mode
+        return FamRuntime.load(None, adapter=adapter, dtype=dtype, fam_overrides=overrides), mode
     cfg = load_adapter(adapter, DEFAULT_MODEL_NAME).fam_config()
-    return FamRuntime.load(None, fam=cfg.replace(mode=mode, **overrides), dtype="bfloat16"), mode
+    return FamRuntime.load(None, fam=cfg.replace(mode=mode, **overrides), dtype=dtype), mode
 
 
 def parse_set(items: list[str]) -> dict:
@@ -207,21 +213,25 @@ def parse_set(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    rt, mode = load_system(args.system, args.adapter, parse_set(args.set))
+    rt, mode = load_system(args.system, args.adapter, parse_set(args.set), args.dtype)
     name = args.name or args.system
+    other = {c.get("dtype", "bfloat16") for c in cells(args.runs) if c["system"] == name} - {dtype_name(rt)}
+    if other:  # one system's cells, and the state a deeper run resumes from, stay in one dtype
+        raise SystemExit(f"{args.runs} holds {name} cells in {other}, this run is {dtype_name(rt)}: "
+                         "use --runs or --name")
     stream = text_tokens(rt.tokenizer)
     depths = [d for d in DEPTHS if d <= args.max_depth]
     assert depths[-1] + WINDOW < len(stream), f"the text has {len(stream)} tokens"
     if mode == "fam":
-        return run_stream(rt, name, stream, depths, parse_set(args.set))
-    done = {c["depth"] for c in cells() if c["system"] == name}
+        return run_stream(rt, name, stream, depths, parse_set(args.set), args.runs)
+    done = {c["depth"] for c in cells(args.runs) if c["system"] == name}
     for d in depths:
         if d in done:
             continue
         t0 = time.time()
         hits, n = run_window(rt, mode, stream, d)
-        record({"system": name, "set": parse_set(args.set), "depth": d, "hits": hits, "n": n,
-                "accuracy": round(hits / n, 4), "seconds": round(time.time() - t0)})
+        record(args.runs, {"system": name, "set": parse_set(args.set), "dtype": dtype_name(rt), "depth": d,
+                           "hits": hits, "n": n, "accuracy": round(hits / n, 4), "seconds": round(time.time() - t0)})
         print(f"{name} depth {d}: {hits / n:.3f}", flush=True)
 
 
@@ -234,16 +244,19 @@ def report(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     by = {}
-    for c in cells(args.runs / "cells.jsonl"):
+    found = cells(args.runs)
+    dtypes = sorted({c.get("dtype", "bfloat16") for c in found})  # cells from before the dtype was recorded: bf16
+    for c in found:
         by.setdefault(c["system"], {})[c["depth"]] = c
     depths = sorted({d for s in by.values() for d in s})
     systems = [s for s in SYSTEMS if s in by] + sorted(s for s in by if s not in SYSTEMS)
     lines = ["# Depth test: next-token accuracy after N ingested tokens", "",
              f"Generated by `python -m training.depth report{args.flags}` from the cells.jsonl of those runs. "
              f"Each cell: greedy next-token accuracy over the {args.window} tokens that follow N tokens of the R "
-             "manuals (Debian r-doc-pdf, never seen in training), default model, bf16, the bundled adapter's B, m "
-             "and F. Commands: "
-             "`python -m training.depth run --system SYSTEM --max-depth 1048576` per system.", "",
+             f"manuals (Debian r-doc-pdf, never seen in training), default model, {' and '.join(dtypes)}, the "
+             "bundled adapter's B, m and F. Commands: `python -m training.depth run --system SYSTEM --max-depth "
+             f"1048576{'' if args.runs == RUNS else f' --runs {args.runs}'}` per system"
+             f"{'' if dtypes == ['bfloat16'] else ' and its --dtype'}.", "",
              "| system | " + " | ".join(f"{d // 1024}k" for d in depths) + " |",
              "|---|" + "---:|" * len(depths)]
     for s in systems:
@@ -312,6 +325,9 @@ def main() -> None:
     r.add_argument("--adapter", type=Path, default=BUNDLED[DEFAULT_MODEL_NAME])
     r.add_argument("--max-depth", type=int, default=DEPTHS[-1])
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--dtype", default="bfloat16", choices=("auto", "bfloat16", "float32"),
+                   help="weights and state dtype (bfloat16, the default, is what docs/depth.md measured)")
+    r.add_argument("--runs", type=Path, default=RUNS, help="folder of cells.jsonl, the states and the traces")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="FamConfig overrides, e.g. fam_norm=true")
     r.add_argument("--name", help="label of the measured system (default: --system)")
     rep = sub.add_parser("report")
