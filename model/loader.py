@@ -273,6 +273,19 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) 
     return DTYPES[dtype]
 
 
+def resolve_decode_dtype(choice: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The dtype of the weight copy that passes of one row read (`FamLM.keep_row_weights`), or None for none.
+    "auto": bfloat16 for a float32 model on a CPU, where a token decoded alone is bound by the weights' bytes
+    (1.47x decode on the AVX2 EPYC, in-process); none elsewhere. A copy in the model's own dtype is none."""
+    if choice == "auto":
+        return torch.bfloat16 if model_dtype == torch.float32 and device.type == "cpu" else None
+    if choice == "none":
+        return None
+    if choice not in DTYPES:
+        raise ModelLoadError(f"unknown decode dtype {choice!r}: choose one of auto, none, bfloat16, float16")
+    return None if DTYPES[choice] == model_dtype else DTYPES[choice]
+
+
 def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     """Whether the CPU has AMX bf16 tiles (Linux's cpuinfo flags); None where that file is not there."""
     try:

@@ -44,11 +44,13 @@ class FamRuntime:
     @classmethod
     def load(cls, source: str | os.PathLike[str] | None = None, *, fam: FamConfig | None = None,
              dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-             adapter: str | os.PathLike[str] | None = None, fam_overrides: dict[str, Any] | None = None
-             ) -> FamRuntime:
+             adapter: str | os.PathLike[str] | None = None, fam_overrides: dict[str, Any] | None = None,
+             decode_dtype: str = "none") -> FamRuntime:
         """Load a checkpoint (see `model.loader`). `adapter` is a path to an adapter file, "auto" (the bundled
         adapter when loading the default model, else none) or None. The FAM layout is `fam`, else the adapter's,
-        else the defaults, with `fam_overrides` (e.g. {"block_size": 512}) applied on top."""
+        else the defaults, with `fam_overrides` (e.g. {"block_size": 512}) applied on top. `decode_dtype`: a copy
+        of the projection weights for passes of one row (`loader.resolve_decode_dtype`; the server's default is
+        "auto"); keep "none" to train or to change the weights after loading."""
         folder, name = loader.resolve_source(source)
         loader.read_config(folder)
         tokenizer = loader.load_tokenizer(folder)
@@ -59,6 +61,7 @@ class FamRuntime:
         rt = cls(module, tokenizer, name, folder, hf_config)
         if adapter_obj:
             adapter_obj.apply(rt)
+        module.keep_row_weights(loader.resolve_decode_dtype(decode_dtype, rt.dtype, dev))
         return rt
 
     @property
@@ -68,6 +71,12 @@ class FamRuntime:
     @property
     def dtype(self) -> torch.dtype:
         return self.module.embed_tokens.weight.dtype
+
+    @property
+    def decode_dtype(self) -> torch.dtype | None:
+        """The dtype of the weight copy that passes of one row read, or None (they read the model's weights)."""
+        w = getattr(self.module.lm_head, "row_weight", None)
+        return None if w is None else w.dtype
 
     @property
     def fam_config(self) -> FamConfig:

@@ -75,7 +75,8 @@ def document(base: str, n_tokens: int, seed: int) -> str:
 
 def start_server(args: argparse.Namespace, data_dir: str, env: dict[str, str] | None = None
                  ) -> tuple[subprocess.Popen, str]:
-    flags = ["--data-dir", data_dir, "--dtype", args.dtype, "--device", args.device]
+    flags = ["--data-dir", data_dir, "--dtype", args.dtype, "--decode-dtype", args.decode_dtype, "--device",
+             args.device]
     if args.model:
         flags += ["--model", args.model]
     if args.mode:
@@ -238,9 +239,10 @@ def run_targets(args: argparse.Namespace) -> None:
             hf = in_process(dict(kind="hf", dtype=args.dtype, n=2048, decode=False, threads=threads))
             hf_rate = 2048 / hf["ingest_s"]
             bandwidth = memory_bandwidth(threads)
-            # a decoded token reads every weight once (the lm_head included) and the whole state
+            # a decoded token reads every weight once (the lm_head included; alone, from the decode copy if the
+            # server keeps one) and the whole state
             r8k = ref[n8k]
-            weight_bytes = 4 if args.dtype == "float32" else 2
+            weight_bytes = 4 if (args.dtype if args.decode_dtype == "none" else args.decode_dtype) == "float32" else 2
             token_bytes = weight_bytes * (r8k["nonemb_params"] + r8k["lm_head_params"]) + r8k["state_bytes"]
             warm = new_session(base)  # first ingest and chat: allocator pools, workspaces
             timed_ingest(base, warm, document(base, 600, 98))
@@ -266,7 +268,8 @@ def run_targets(args: argparse.Namespace) -> None:
     idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
     bulk_rate = bulk_tokens / bulk_wall
     longest = max(lengths)
-    lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype}, sessions in `{mode}` "
+    lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype} (decode copy: "
+             f"{args.decode_dtype}), sessions in `{mode}` "
              f"mode (the server's default; the in-process runs alike), load average at start "
              f"{args.load_at_start:.1f}; command: `python scripts/bench_server.py {' '.join(sys.argv[1:])}`.", "",
              "| measurement | tok/s or s |", "|---|---:|"]
@@ -380,6 +383,8 @@ def main() -> None:
     p.add_argument("--model", help="model for fam-server (default: the server's default model)")
     p.add_argument("--mode", help="session mode (default: the server's)")
     p.add_argument("--dtype", default="auto", help="as fam-server's --dtype (auto: float32 on CPUs without AMX)")
+    p.add_argument("--decode-dtype", default="auto", help="as fam-server's --decode-dtype (auto: a bfloat16 copy "
+                   "of the weights for a session decoding alone when the model runs float32 on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the server (default: torch's)")
     p.add_argument("--streams", type=int, default=0, help="measure N concurrent streaming chats vs one instead")
@@ -394,6 +399,9 @@ def main() -> None:
     args.load_at_start = os.getloadavg()[0]
     if args.dtype == "auto":  # the name the server will pick, so the in-process references run the same dtype
         args.dtype = str(loader.resolve_dtype("auto", loader.resolve_device(args.device))).removeprefix("torch.")
+    decode = loader.resolve_decode_dtype(args.decode_dtype, loader.resolve_dtype(args.dtype),
+                                         loader.resolve_device(args.device))
+    args.decode_dtype = "none" if decode is None else str(decode).removeprefix("torch.")
     if args.tradeoff:
         run_tradeoff(args)
         return

@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 def load_runtime(settings: Settings) -> FamRuntime:
     """The model as the settings ask for it. Explicit FAM settings override the adapter's / model's own."""
     rt = FamRuntime.load(source=settings.model, dtype=settings.dtype, device=settings.device,
-                         adapter=settings.adapter, fam_overrides=settings.fam_overrides())
-    log.info("model %s on %s in %s (--dtype %s)", rt.name, rt.device, str(rt.dtype).removeprefix("torch."),
-             settings.dtype)
+                         adapter=settings.adapter, fam_overrides=settings.fam_overrides(),
+                         decode_dtype=settings.decode_dtype)
+    log.info("model %s on %s in %s (--dtype %s); a session decoding alone reads %s weights", rt.name, rt.device,
+             str(rt.dtype).removeprefix("torch."), settings.dtype,
+             str(rt.decode_dtype or rt.dtype).removeprefix("torch."))
     if rt.device.type == "cpu" and rt.dtype == torch.bfloat16 and cpu_has_amx() is False:
         log.warning("this CPU has no AMX, so its bfloat16 matmuls are slower than its float32 ones (2x to 8x): "
                     "--dtype auto or float32 ingests and decodes faster here, at twice the memory per session "

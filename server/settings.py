@@ -17,8 +17,8 @@ from server.engine import EngineConfig
 
 # The settings `fam-server` also takes as command line flags (`data_dir` -> `--data-dir`); the rest come from the
 # environment only. Every flag's help is its field's description (see server.__main__).
-FLAGS = ("host", "port", "model", "adapter", "mode", "block_size", "memory_blocks", "fam_len", "dtype", "device",
-         "data_dir", "store")
+FLAGS = ("host", "port", "model", "adapter", "mode", "block_size", "memory_blocks", "fam_len", "dtype",
+         "decode_dtype", "device", "data_dir", "store")
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -47,6 +47,10 @@ class Settings(BaseSettings):
                                                         "model's)")
     dtype: str = Field("auto", description="auto (bfloat16 on CUDA and on CPUs with AMX, else float32), bfloat16 "
                                            "or float32")
+    decode_dtype: str = Field("auto", description="a copy of the weights that a session decoding alone reads: auto "
+                                                  "(bfloat16 when the model runs float32 on a CPU: ~1.5x single-"
+                                                  "stream decode for half the weights' memory more), bfloat16 or "
+                                                  "none")
     device: str = Field("auto", description="cpu, cuda or auto")
 
     # --- storage and security

@@ -1,0 +1,68 @@
+"""The one-row weight copies (`FamLM.keep_row_weights`, `--decode-dtype`): a float32 model decoding one token
+alone reads bfloat16 copies of its projections, and every pass of more rows reads the float32 weights unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import loader
+from model.loader import ModelLoadError
+from tests.model.test_fam import assert_states_equal, tiny
+
+
+def _doc(m, n: int, seed: int):
+    ids = torch.randint(0, 211, (1, n), generator=torch.Generator().manual_seed(seed))
+    return m.ingest(m.new_state(mode="fam"), ids)[0]
+
+
+@torch.no_grad()
+def test_one_row_reads_the_copies_and_more_rows_do_not(tiny_dirs):
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    state, tok, chunk = _doc(m, 21, 1), torch.tensor([[7]]), torch.tensor([[7, 8, 9]])
+    ref_one = m.forward_chunk(state, tok)
+    ref_many = m.forward_chunk(state, chunk)
+    ref_logits = m.logits(ref_one[1][0])
+
+    m.keep_row_weights(torch.bfloat16)
+    assert all(lin.row_weight.dtype == torch.bfloat16 for lin in (m.layers[0].self_attn.q_proj, m.lm_head))
+    one = m.forward_chunk(state, tok)
+    many = m.forward_chunk(state, chunk)
+    logits = m.logits(one[1][0])
+    assert_states_equal(many[0], ref_many[0])  # three rows: the float32 weights, bit for bit
+    assert torch.equal(many[1], ref_many[1])
+    assert not torch.equal(one[1], ref_one[1])  # one row: the copies (rounding shows)
+    torch.testing.assert_close(one[1], ref_one[1], atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(logits, ref_logits, atol=5e-2, rtol=5e-2)
+    assert one[0].k[0].dtype == torch.float32  # the state keeps the model's dtype
+
+    m.layers[-1].mlp.down_proj.row_weight.zero_()  # the copy is what one row reads
+    assert not torch.allclose(m.forward_chunk(state, tok)[1], one[1], atol=5e-2)
+
+    m.keep_row_weights(None)
+    again = m.forward_chunk(state, tok)
+    assert torch.equal(again[1], ref_one[1]) and torch.equal(m.logits(again[1][0]), ref_logits)
+
+
+def test_decode_dtype_auto_is_bfloat16_for_float32_on_a_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loader.resolve_decode_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    assert loader.resolve_decode_dtype("auto", torch.bfloat16, cpu) is None
+    assert loader.resolve_decode_dtype("auto", torch.float32, cuda) is None
+    assert loader.resolve_decode_dtype("none", torch.float32, cpu) is None
+    assert loader.resolve_decode_dtype("bfloat16", torch.bfloat16, cpu) is None  # the model's own: no copy
+    assert loader.resolve_decode_dtype("bfloat16", torch.float32, cuda) == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="decode dtype"):
+        loader.resolve_decode_dtype("int4", torch.float32, cpu)
+
+
+def test_runtime_keeps_copies_when_asked(tiny_chat_dir):
+    from model import FamRuntime
+    from tests.conftest import TINY_FAM
+
+    plain = FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="float32")
+    rt = FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="float32", decode_dtype="auto")
+    assert plain.decode_dtype is None and rt.decode_dtype == torch.bfloat16
+    q = rt.module.layers[0].self_attn.q_proj
+    assert torch.equal(q.row_weight, q.weight.to(torch.bfloat16))
+    assert FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="bfloat16", decode_dtype="auto").decode_dtype is None
