@@ -423,7 +423,15 @@ class FamLM(nn.Module):
                 mod.row_weight = None if dtype is None else mod.weight.detach().to(dtype)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return project(self.lm_head, hidden).float()
+        """Final-normed hidden states [..., d] -> float32 logits [..., vocab]. One row reads the lm_head's row copy
+        where the model keeps one (`project`); 2 to 64 float32 rows (a decode batch) run as W @ hidden^T, the
+        orientation in which the float32 GEMM is faster for few rows against a large vocabulary (the default
+        model's [49152, 576] lm_head on the AVX2 EPYC, 2 threads: 4.8 against 17.9 ms for 2 rows, 8.4 against
+        17.3 for 8, 13.5 against 21.4 for 16, equal from 256)."""
+        lin, rows = self.lm_head, hidden.numel() // hidden.shape[-1]
+        if 1 < rows <= 64 and hidden.dtype == torch.float32 and type(lin) is nn.Linear and lin.bias is None:
+            return (lin.weight @ hidden.reshape(rows, -1).T).T.contiguous().reshape(*hidden.shape[:-1], -1)
+        return project(lin, hidden).float()
 
 
 class _Doc:

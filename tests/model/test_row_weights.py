@@ -66,3 +66,13 @@ def test_runtime_keeps_copies_when_asked(tiny_chat_dir):
     q = rt.module.layers[0].self_attn.q_proj
     assert torch.equal(q.row_weight, q.weight.to(torch.bfloat16))
     assert FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="bfloat16", decode_dtype="auto").decode_dtype is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 2, 8, 64, 65])
+def test_logits_of_few_rows_equal_the_plain_projection(tiny_dirs, rows):
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    h = torch.randn(rows, 1, m.arch.hidden_size, generator=torch.Generator().manual_seed(rows))
+    got = m.logits(h)
+    assert got.shape == (rows, 1, m.arch.vocab_size) and got.is_contiguous()
+    torch.testing.assert_close(got, m.lm_head(h).float(), atol=1e-5, rtol=1e-5)
