@@ -75,6 +75,20 @@ class Attention(nn.Module):
         b, r, _ = xn.shape
         return project(self.q_proj, xn).view(b, r, self.n_heads, self.head_dim).transpose(1, 2)
 
+    def qkv(self, xn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`q(xn)` and `kv(xn)`; one row reads the fused row copy of the three projections where the model keeps
+        one (`FamLM.keep_row_weights`): one matmul instead of three."""
+        w = getattr(self, "row_qkv", None)
+        if w is None or xn.numel() != xn.shape[-1]:
+            return self.q(xn), *self.kv(xn)
+        y = F_.linear(xn.to(w.dtype), w).to(xn.dtype)
+        if self.q_proj.bias is not None:
+            y = y + torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
+        b, hd = xn.shape[0], self.head_dim
+        q, k, v = y.split((self.n_heads * hd, self.n_kv * hd, self.n_kv * hd), -1)
+        return (q.view(b, 1, self.n_heads, hd).transpose(1, 2), k.view(b, 1, self.n_kv, hd).transpose(1, 2),
+                v.view(b, 1, self.n_kv, hd).transpose(1, 2))
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q [b, H, R, hd] (rotated), k/v [b, KV, C, hd] (rotated) -> [b, R, d]."""
         return self.out(self.heads(q, k, v, mask))
@@ -117,7 +131,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return project(self.down_proj, F_.silu(project(self.gate_proj, x)) * project(self.up_proj, x))
+        w = getattr(self, "row_gate_up", None)  # one row: the fused row copy of gate and up (`keep_row_weights`)
+        if w is not None and x.numel() == x.shape[-1]:
+            gate, up = F_.linear(x.to(w.dtype), w).to(x.dtype).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return project(self.down_proj, F_.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -330,9 +349,8 @@ class FamLM(nn.Module):
                 x = torch.cat([_flat(torch.cat((f, h), 1) if r else h)
                                for f, h, r in zip(fam_in, hs, rows, strict=True)] + ([_flat(hg)] if ng else []), 1)
                 xn = layer.input_layernorm(x)  # [1, R, d]
-                q = Rope.apply(attn.q(xn), cos, sin)
-                k, v = attn.kv(xn)  # the feedback rows' keys are computed and dropped: their keys are in the state
-                k = Rope.apply(k, cos, sin)
+                q, k, v = attn.qkv(xn)  # the feedback rows' keys are computed and dropped: their keys are in the state
+                q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
                 outs, at = [], 0
                 for i, (d, s, r) in enumerate(zip(docs, states, rows, strict=True)):
                     n = r + d.T
@@ -412,15 +430,25 @@ class FamLM(nn.Module):
 
     def keep_row_weights(self, dtype: torch.dtype | None) -> None:
         """Keep a copy of every projection's weight (and the lm_head's) in `dtype` for passes of one row, or
-        (None) drop the copies. Made from the weights as they are now (call it after merging an adapter): for
-        a float32 model on a CPU, bfloat16 copies cost half its projection bytes in memory (~270 MB for the
+        (None) drop the copies; q/k/v and gate/up are copied fused, so one row runs 4 matmuls a layer instead of
+        7. Made from the weights as they are now: call it after merging an adapter, never with a LoRA attached.
+        For a float32 model on a CPU, bfloat16 copies cost half its projection bytes in memory (~270 MB for the
         default model) and make a session decoding alone ~1.5x faster; passes of two or more rows keep the
         float32 weights (bfloat16 matmuls are slower than float32 ones there on CPUs without AMX). A token
         decoded alone then rounds its activations to bfloat16 in the projections, so it can differ slightly from
         the same token decoded in a batch with other sessions."""
-        for mod in [*self.layers.modules(), self.lm_head]:
-            if isinstance(mod, nn.Linear):
-                mod.row_weight = None if dtype is None else mod.weight.detach().to(dtype)
+        def copy(*lins: nn.Module) -> Tensor | None:
+            if any(type(lin) is not nn.Linear for lin in lins):
+                raise TypeError("row copies are made from plain projections (merge a LoRA first)")
+            return None if dtype is None else torch.cat([lin.weight.detach() for lin in lins]).to(dtype)
+
+        for layer in self.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            a.row_qkv, a.o_proj.row_weight = copy(a.q_proj, a.k_proj, a.v_proj), copy(a.o_proj)
+            if mlp.gate_proj.bias is None:
+                mlp.row_gate_up = copy(mlp.gate_proj, mlp.up_proj)
+            mlp.down_proj.row_weight = copy(mlp.down_proj)
+        self.lm_head.row_weight = copy(self.lm_head)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden states [..., d] -> float32 logits [..., vocab]. One row reads the lm_head's row copy

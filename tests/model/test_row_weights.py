@@ -17,15 +17,21 @@ def _doc(m, n: int, seed: int):
 
 
 @torch.no_grad()
-def test_one_row_reads_the_copies_and_more_rows_do_not(tiny_dirs):
-    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+def test_one_row_reads_the_copies_and_more_rows_do_not(tiny_dirs, arch):
+    m = tiny(tiny_dirs[arch], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    for name, p in m.named_parameters():
+        if name.endswith("bias"):  # Hugging Face initialises biases to zero: make them count
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     state, tok, chunk = _doc(m, 21, 1), torch.tensor([[7]]), torch.tensor([[7, 8, 9]])
     ref_one = m.forward_chunk(state, tok)
     ref_many = m.forward_chunk(state, chunk)
     ref_logits = m.logits(ref_one[1][0])
 
     m.keep_row_weights(torch.bfloat16)
-    assert all(lin.row_weight.dtype == torch.bfloat16 for lin in (m.layers[0].self_attn.q_proj, m.lm_head))
+    attn = m.layers[0].self_attn
+    assert attn.row_qkv.dtype == m.layers[0].mlp.row_gate_up.dtype == m.lm_head.row_weight.dtype == torch.bfloat16
+    assert torch.equal(attn.row_qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).bfloat16())
     one = m.forward_chunk(state, tok)
     many = m.forward_chunk(state, chunk)
     logits = m.logits(one[1][0])
@@ -33,11 +39,16 @@ def test_one_row_reads_the_copies_and_more_rows_do_not(tiny_dirs):
     assert torch.equal(many[1], ref_many[1])
     assert not torch.equal(one[1], ref_one[1])  # one row: the copies (rounding shows)
     torch.testing.assert_close(one[1], ref_one[1], atol=5e-2, rtol=5e-2)
+    assert_states_equal(one[0], ref_one[0], atol=5e-2, rtol=5e-2)  # the token's keys and values: biases included
     torch.testing.assert_close(logits, ref_logits, atol=5e-2, rtol=5e-2)
     assert one[0].k[0].dtype == torch.float32  # the state keeps the model's dtype
 
-    m.layers[-1].mlp.down_proj.row_weight.zero_()  # the copy is what one row reads
-    assert not torch.allclose(m.forward_chunk(state, tok)[1], one[1], atol=5e-2)
+    for copy in (m.layers[-1].mlp.down_proj.row_weight, m.layers[-1].mlp.row_gate_up, m.layers[-1].self_attn.row_qkv):
+        kept = copy.clone()
+        copy.zero_()  # each copy is what one row reads
+        assert not torch.equal(m.forward_chunk(state, tok)[1], one[1])
+        copy.copy_(kept)
+    assert torch.equal(m.forward_chunk(state, tok)[1], one[1])
 
     m.keep_row_weights(None)
     again = m.forward_chunk(state, tok)
@@ -63,8 +74,8 @@ def test_runtime_keeps_copies_when_asked(tiny_chat_dir):
     plain = FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="float32")
     rt = FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="float32", decode_dtype="auto")
     assert plain.decode_dtype is None and rt.decode_dtype == torch.bfloat16
-    q = rt.module.layers[0].self_attn.q_proj
-    assert torch.equal(q.row_weight, q.weight.to(torch.bfloat16))
+    down = rt.module.layers[0].mlp.down_proj
+    assert torch.equal(down.row_weight, down.weight.to(torch.bfloat16))
     assert FamRuntime.load(tiny_chat_dir, fam=TINY_FAM, dtype="bfloat16", decode_dtype="auto").decode_dtype is None
 
 
@@ -76,3 +87,10 @@ def test_logits_of_few_rows_equal_the_plain_projection(tiny_dirs, rows):
     got = m.logits(h)
     assert got.shape == (rows, 1, m.arch.vocab_size) and got.is_contiguous()
     torch.testing.assert_close(got, m.lm_head(h).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_row_copies_refuse_a_wrapped_projection(tiny_dirs):
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4)
+    m.layers[0].mlp.down_proj = torch.nn.Sequential(m.layers[0].mlp.down_proj)  # as a LoRA wrapper would be
+    with pytest.raises(TypeError, match="merge a LoRA first"):
+        m.keep_row_weights(torch.bfloat16)
