@@ -255,8 +255,8 @@ def report(args: argparse.Namespace) -> None:
              f"Each cell: greedy next-token accuracy over the {args.window} tokens that follow N tokens of the R "
              f"manuals (Debian r-doc-pdf, never seen in training), default model, {' and '.join(dtypes)}, the "
              "bundled adapter's B, m and F. Commands: `python -m training.depth run --system SYSTEM --max-depth "
-             f"1048576{'' if args.runs == RUNS else f' --runs {args.runs}'}` per system"
-             f"{'' if dtypes == ['bfloat16'] else ' and its --dtype'}.", "",
+             f"1048576{'' if dtypes == ['bfloat16'] else ' --dtype ' + '|'.join(dtypes)}"
+             f"{'' if args.runs == RUNS else f' --runs {args.runs}'}` per system.", "",
              "| system | " + " | ".join(f"{d // 1024}k" for d in depths) + " |",
              "|---|" + "---:|" * len(depths)]
     for s in systems:
@@ -302,7 +302,13 @@ def trace_lines(runs: Path) -> list[str]:
         rows = list({r["block"]: r for r in map(json.loads, trace.open())}.values())
         if not rows:
             continue
-        pick = [r for r in rows if r["block"] in (0, 1, 3, 7, 15, 31, 47, 63, 127, 255, 511, 1023, 2047, 4095)]
+        # past block 63 only every 8th block is traced (128, 136, ...): each wanted block shows the last one traced
+        by_block = sorted(rows, key=lambda r: r["block"])
+        pick = []
+        for want in (0, 1, 3, 7, 15, 31, 47, 63, 127, 255, 511, 1023, 2047, 4095):
+            r = next((r for r in reversed(by_block) if r["block"] <= want), None)
+            if r is not None and r not in pick:
+                pick.append(r)
         n_layers = len(pick[0]["rms"])
         start = n_layers - len(pick[0]["move"])
         show = [li for li in (0, start, start + 4, start + 8, n_layers - 2, n_layers - 1) if li < n_layers]
