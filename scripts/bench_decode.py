@@ -5,7 +5,8 @@ sessions are), then every variant decodes `--steps` tokens per session from thos
 turns for `--rounds` rounds (the medians are printed, so a noisy machine hurts less):
 
   single      one session alone, `forward_chunk` (the path before batching)
-  sequential  the N sessions one after another, `forward_chunk` each
+  sequential  the N sessions one after another, `forward_chunk` each (with `--decode-dtype`, each one-row pass
+              reads the model's row copies: what the engine runs for passes too small to batch)
   ragged      the N sessions in one `forward_many` pass per token: dense layers over all rows at once,
               attention per session over its own cache
   batched     the ragged pass with a persistent `DecodeBatch` (what the engine runs): the sessions' caches in one
@@ -14,7 +15,7 @@ turns for `--rounds` rounds (the medians are printed, so a noisy machine hurts l
               grouping by equal layout (or padding to one) could reach, since it needs no per-session attention
 
 Every variant includes the lm_head and an argmax per token. Usage:
-    python scripts/bench_decode.py --sessions 8 --steps 16 --rounds 3 --threads 2
+    python scripts/bench_decode.py --sessions 8 --steps 16 --rounds 3 --threads 2 [--dtype float32 --decode-dtype auto]
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--decode-dtype", default="none",
+                    help="the one-row weight copies, as the server's flag (none: what the library loads by default)")
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--doc-tokens", type=int, default=400, help="the first session's document; each next +37")
     ap.add_argument("--steps", type=int, default=16)
@@ -40,7 +43,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rt = FamRuntime.load(args.model, dtype=args.dtype, adapter="auto")
+    rt = FamRuntime.load(args.model, dtype=args.dtype, adapter="auto", decode_dtype=args.decode_dtype)
     m, n = rt.module, args.sessions
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -96,7 +99,8 @@ def main() -> None:
                 tokens = fn()
                 rates[name].append(tokens / (time.perf_counter() - t))
     fills = sorted(s.n_block for s in states)
-    print(f"{rt.name}, {args.dtype}, {args.threads} threads, {n} sessions (block fills {fills}), "
+    copy = str(rt.decode_dtype).removeprefix("torch.") if rt.decode_dtype else "none"
+    print(f"{rt.name}, {args.dtype} (one-row copies: {copy}), {args.threads} threads, {n} sessions (block fills {fills}), "
           f"{args.steps} tokens each, median of {args.rounds} rounds")
     print("| variant | tokens/s (all sessions) | vs single |")
     print("|---|---|---|")
