@@ -137,8 +137,8 @@ def trace_row(block: int, tokens: int, old: Tensor, new: Tensor, start: int) -> 
 
 
 @torch.inference_mode()
-def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int], overrides: dict, runs: Path
-               ) -> None:
+def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int], overrides: dict, runs: Path,
+               adapter: dict) -> None:
     """One pass of fam over the stream up to the deepest window, scoring every window and tracing the state."""
     m, B = rt.module, rt.fam_config.block_size
     ckpt, trace = runs / f"{system}.state", runs / f"{system}.trace.jsonl"
@@ -167,7 +167,7 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
                 got = score(m, h[:, lo - a:hi - a], ids[lo + 1:hi + 1])
                 acc[0], acc[1] = acc[0] + got[0], acc[1] + got[1]
                 if hi == d + WINDOW:
-                    record(runs, {"system": system, "set": overrides, "dtype": dtype_name(rt), "depth": d,
+                    record(runs, {"system": system, "set": overrides, **adapter, "dtype": dtype_name(rt), "depth": d,
                                   "hits": acc[0], "n": acc[1], "accuracy": round(acc[0] / acc[1], 4),
                                   "seconds": round(time.time() - t0)})
                     print(f"{system} depth {d}: {acc[0] / acc[1]:.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
@@ -220,17 +220,19 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.runs} holds {name} cells in {other}, this run is {dtype_name(rt)}: "
                          "use --runs or --name")
     stream = text_tokens(rt.tokenizer)
+    # cells of a system run with another adapter than the bundled one name it (the report lists them)
+    adapter = {} if args.adapter == BUNDLED[DEFAULT_MODEL_NAME] else {"adapter": str(args.adapter)}
     depths = [d for d in DEPTHS if d <= args.max_depth]
     assert depths[-1] + WINDOW < len(stream), f"the text has {len(stream)} tokens"
     if mode == "fam":
-        return run_stream(rt, name, stream, depths, parse_set(args.set), args.runs)
+        return run_stream(rt, name, stream, depths, parse_set(args.set), args.runs, adapter)
     done = {c["depth"] for c in cells(args.runs) if c["system"] == name}
     for d in depths:
         if d in done:
             continue
         t0 = time.time()
         hits, n = run_window(rt, mode, stream, d)
-        record(args.runs, {"system": name, "set": parse_set(args.set), "dtype": dtype_name(rt), "depth": d,
+        record(args.runs, {"system": name, "set": parse_set(args.set), **adapter, "dtype": dtype_name(rt), "depth": d,
                            "hits": hits, "n": n, "accuracy": round(hits / n, 4), "seconds": round(time.time() - t0)})
         print(f"{name} depth {d}: {hits / n:.3f}", flush=True)
 
@@ -265,6 +267,10 @@ def report(args: argparse.Namespace) -> None:
     variants = {s: next(iter(by[s].values())).get("set") for s in systems}
     lines += ["", "Variants (FamConfig overrides of the system named before the last dash): "
               + "; ".join(f"`{s}`: {v}" for s, v in variants.items() if v) + "."]
+    adapters = {s: next(iter(by[s].values())).get("adapter") for s in systems}
+    if any(adapters.values()):
+        lines += ["", "Systems run with another adapter than the bundled one (`--adapter`): "
+                  + "; ".join(f"`{s}`: {a}" for s, a in adapters.items() if a) + "."]
     shipped = load_adapter(BUNDLED[DEFAULT_MODEL_NAME], DEFAULT_MODEL_NAME).fam_config()
     lines += ["", f"The bundled adapter declares fam_gate = {shipped.fam_gate}. Target: fam >= sink - 0.01 at every "
               "depth. Gap of each fam system to each sink system (fam minus sink, over the depths both have):", "",
