@@ -100,8 +100,8 @@ def main() -> None:
                 rates[name].append(tokens / (time.perf_counter() - t))
     fills = sorted(s.n_block for s in states)
     copy = str(rt.decode_dtype).removeprefix("torch.") if rt.decode_dtype else "none"
-    print(f"{rt.name}, {args.dtype} (one-row copies: {copy}), {args.threads} threads, {n} sessions (block fills {fills}), "
-          f"{args.steps} tokens each, median of {args.rounds} rounds")
+    print(f"{rt.name}, {args.dtype} (one-row copies: {copy}), {args.threads} threads, {n} sessions "
+          f"(block fills {fills}), {args.steps} tokens each, median of {args.rounds} rounds")
     print("| variant | tokens/s (all sessions) | vs single |")
     print("|---|---|---|")
     base = statistics.median(rates["single"])
