@@ -137,10 +137,10 @@ def trace_row(block: int, tokens: int, old: Tensor, new: Tensor, start: int) -> 
 
 
 @torch.inference_mode()
-def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int], overrides: dict, runs: Path,
-               adapter: dict) -> None:
-    """One pass of fam over the stream up to the deepest window, scoring every window and tracing the state."""
-    m, B = rt.module, rt.fam_config.block_size
+def run_stream(rt: FamRuntime, cell: dict, stream: list[int], depths: list[int], runs: Path) -> None:
+    """One pass of fam over the stream up to the deepest window, scoring every window and tracing the state.
+    `cell`: what every cell of this system records besides its depth and score (`run`)."""
+    m, B, system = rt.module, rt.fam_config.block_size, cell["system"]
     ckpt, trace = runs / f"{system}.state", runs / f"{system}.trace.jsonl"
     done = {c["depth"] for c in cells(runs) if c["system"] == system}
     todo = sorted(d for d in depths if d not in done)
@@ -167,9 +167,8 @@ def run_stream(rt: FamRuntime, system: str, stream: list[int], depths: list[int]
                 got = score(m, h[:, lo - a:hi - a], ids[lo + 1:hi + 1])
                 acc[0], acc[1] = acc[0] + got[0], acc[1] + got[1]
                 if hi == d + WINDOW:
-                    record(runs, {"system": system, "set": overrides, **adapter, "dtype": dtype_name(rt), "depth": d,
-                                  "hits": acc[0], "n": acc[1], "accuracy": round(acc[0] / acc[1], 4),
-                                  "seconds": round(time.time() - t0)})
+                    record(runs, {**cell, "depth": d, "hits": acc[0], "n": acc[1],
+                                  "accuracy": round(acc[0] / acc[1], 4), "seconds": round(time.time() - t0)})
                     print(f"{system} depth {d}: {acc[0] / acc[1]:.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
                           f"tok/s since start)", flush=True)
         if b % B == 0 and state.cfg.F:
@@ -213,27 +212,29 @@ def parse_set(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    rt, mode = load_system(args.system, args.adapter, parse_set(args.set), args.dtype)
+    overrides = parse_set(args.set)
+    rt, mode = load_system(args.system, args.adapter, overrides, args.dtype)
     name = args.name or args.system
     other = {c.get("dtype", "bfloat16") for c in cells(args.runs) if c["system"] == name} - {dtype_name(rt)}
     if other:  # one system's cells, and the state a deeper run resumes from, stay in one dtype
         raise SystemExit(f"{args.runs} holds {name} cells in {other}, this run is {dtype_name(rt)}: "
                          "use --runs or --name")
     stream = text_tokens(rt.tokenizer)
-    # cells of a system run with another adapter than the bundled one name it (the report lists them)
+    # a system run with another adapter than the bundled one names it in its cells (the report lists them)
     adapter = {} if args.adapter == BUNDLED[DEFAULT_MODEL_NAME] else {"adapter": str(args.adapter)}
+    cell = {"system": name, "set": overrides, **adapter, "dtype": dtype_name(rt)}
     depths = [d for d in DEPTHS if d <= args.max_depth]
     assert depths[-1] + WINDOW < len(stream), f"the text has {len(stream)} tokens"
     if mode == "fam":
-        return run_stream(rt, name, stream, depths, parse_set(args.set), args.runs, adapter)
+        return run_stream(rt, cell, stream, depths, args.runs)
     done = {c["depth"] for c in cells(args.runs) if c["system"] == name}
     for d in depths:
         if d in done:
             continue
         t0 = time.time()
         hits, n = run_window(rt, mode, stream, d)
-        record(args.runs, {"system": name, "set": parse_set(args.set), **adapter, "dtype": dtype_name(rt), "depth": d,
-                           "hits": hits, "n": n, "accuracy": round(hits / n, 4), "seconds": round(time.time() - t0)})
+        record(args.runs, {**cell, "depth": d, "hits": hits, "n": n, "accuracy": round(hits / n, 4),
+                           "seconds": round(time.time() - t0)})
         print(f"{name} depth {d}: {hits / n:.3f}", flush=True)
 
 
