@@ -10,8 +10,9 @@ Systems (the base model is the default SmolLM2-135M-Instruct; B and m come from 
   fam-base      untrained FAM (initial prompt, no LoRA)
   bswa-base, sink-base, full-base   the base weights in those modes (full: up to the model's 8k context)
 
-Every measured cell (system, task, length, key index) is appended to runs/eval/cells.jsonl, so runs can be split,
-interrupted and resumed; keys are seeded by (length, index), identical across systems. `report` writes
+Every measured cell (system, dtype, task, length, key index) is appended to runs/eval/cells.jsonl, so runs can be
+split, interrupted and resumed (`--dtype float32` on a CPU without bf16 matmul units; the report shows such rows
+with their dtype); keys are seeded by (length, index), identical across systems. `report` writes
 docs/eval.md and docs/eval_passkey.png from all cells (`--cells` and `--out` for another set). PassKey: Landmark
 format with the standard filler, the key at a seeded uniform depth, exact match of the key's tokens under teacher
 forcing (equal to greedy decoding here).
@@ -42,22 +43,33 @@ SYSTEMS = ("fam-adapter", "bswa-adapter", "fam-base", "bswa-base", "sink-base", 
 FULL_LIMIT = 8192
 
 
-def load_system(system: str, adapter: Path, base_cfg: FamConfig) -> FamRuntime:
+def load_system(system: str, adapter: Path, base_cfg: FamConfig, dtype: str = "bfloat16") -> FamRuntime:
     """Adapters bring their own FamConfig; the base-weight systems use the FAM adapter's B, m and F when its file
     exists (same windows as the adapter), else `base_cfg`."""
     if system.endswith("-adapter"):
-        return FamRuntime.load(None, adapter=adapter, dtype="bfloat16")
+        return FamRuntime.load(None, adapter=adapter, dtype=dtype)
     fam_adapter = BUNDLED[DEFAULT_MODEL_NAME]
     if fam_adapter.is_file():
         cfg = load_adapter(fam_adapter, DEFAULT_MODEL_NAME).fam_config()
         base_cfg = base_cfg.replace(block_size=cfg.block_size, memory_blocks=cfg.memory_blocks, fam_len=cfg.fam_len)
-    return FamRuntime.load(None, fam=base_cfg.replace(mode=system.removesuffix("-base")), dtype="bfloat16")
+    return FamRuntime.load(None, fam=base_cfg.replace(mode=system.removesuffix("-base")), dtype=dtype)
+
+
+def cell_dtype(cell: dict) -> str:
+    """The dtype a cell was measured in (cells written before the flag existed were bfloat16)."""
+    return cell.get("dtype", "bfloat16")
+
+
+def label(cell: dict) -> str:
+    """A cell's row in the report: its system, with the dtype when it is not bfloat16."""
+    dtype = cell_dtype(cell)
+    return cell["system"] if dtype == "bfloat16" else f"{cell['system']} ({dtype})"
 
 
 def done_cells(cells: Path) -> set[tuple]:
     if not cells.is_file():
         return set()
-    return {(c["system"], c["task"], c["length"], c["key"]) for c in map(json.loads, cells.open())}
+    return {(c["system"], cell_dtype(c), c["task"], c["length"], c["key"]) for c in map(json.loads, cells.open())}
 
 
 def record(cells: Path, rec: dict) -> None:
@@ -69,11 +81,12 @@ def record(cells: Path, rec: dict) -> None:
 
 @torch.inference_mode()
 def passkey(rt: FamRuntime, system: str, lengths: list[int], keys: int, batch: int, cells: Path = CELLS) -> None:
+    dtype = str(rt.dtype).removeprefix("torch.")
     done = done_cells(cells)
     for filler in lengths:
         if system.startswith("full") and filler + 100 > FULL_LIMIT:
             continue
-        todo = [i for i in range(keys) if (system, "passkey", filler, i) not in done]
+        todo = [i for i in range(keys) if (system, dtype, "passkey", filler, i) not in done]
         for start in range(0, len(todo), batch):
             idx = todo[start:start + batch]
             examples = []
@@ -91,16 +104,18 @@ def passkey(rt: FamRuntime, system: str, lengths: list[int], keys: int, batch: i
                     state, logits = rt.ingest(state, tokens[:, -a + j:-a + j + 1])
             dt = time.time() - t0
             for i, e, good in zip(idx, examples, ok.tolist(), strict=True):
-                record(cells, {"system": system, "task": "passkey", "length": filler, "key": i, "correct": bool(good),
-                        "depth": round(e.depth, 3), "tokens": len(e.tokens), "seconds": round(dt / len(idx), 1)})
+                record(cells, {"system": system, "dtype": dtype, "task": "passkey", "length": filler, "key": i,
+                        "correct": bool(good), "depth": round(e.depth, 3), "tokens": len(e.tokens),
+                        "seconds": round(dt / len(idx), 1)})
 
 
 @torch.inference_mode()
 def nexttoken(rt: FamRuntime, system: str, excerpts: int, excerpt_len: int, skip: int, cells: Path = CELLS) -> None:
+    dtype = str(rt.dtype).removeprefix("torch.")
     done = done_cells(cells)
     stream = prose_tokens(rt.tokenizer, held_out=True)
     for i in range(excerpts):
-        if (system, "nexttoken", excerpt_len, i) in done:
+        if (system, dtype, "nexttoken", excerpt_len, i) in done:
             continue
         start = (i * 7919 * excerpt_len) % (len(stream) - excerpt_len)
         tokens = torch.tensor([stream[start:start + excerpt_len]])
@@ -109,8 +124,8 @@ def nexttoken(rt: FamRuntime, system: str, excerpts: int, excerpt_len: int, skip
         w_far[:, :skip] = 0
         t0 = time.time()
         _, _, correct_far = sequence_loss(rt.module, rt.new_state(), tokens, w_far)
-        record(cells, {"system": system, "task": "nexttoken", "length": excerpt_len, "key": i, "skip": skip,
-                "correct_far": int(correct_far), "n_far": int(w_far[:, :-1].sum()), "start": start,
+        record(cells, {"system": system, "dtype": dtype, "task": "nexttoken", "length": excerpt_len, "key": i,
+                "skip": skip, "correct_far": int(correct_far), "n_far": int(w_far[:, :-1].sum()), "start": start,
                 "seconds": round(time.time() - t0, 1)})
 
 
@@ -121,9 +136,9 @@ def report(cells_path: Path = CELLS, out: Path = ROOT / "docs" / "eval.md") -> N
     nt: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for c in cells:
         if c["task"] == "passkey":
-            pk[c["system"]][c["length"]].append(c["correct"])
+            pk[label(c)][c["length"]].append(c["correct"])
         else:
-            nt[c["system"]].append((c["correct_far"], c["n_far"]))
+            nt[label(c)].append((c["correct_far"], c["n_far"]))
     systems = [s for s in SYSTEMS if s in pk] + sorted(set(pk) - set(SYSTEMS))
     lengths = sorted({n for s in pk.values() for n in s})
     shown = cells_path.relative_to(ROOT) if cells_path.is_relative_to(ROOT) else cells_path
@@ -186,6 +201,9 @@ def main() -> None:
     ap.add_argument("--fam-len", type=int, default=32, help="base systems, when no adapter file exists")
     ap.add_argument("--fam-update-from", type=int, default=0, help="base systems: FamConfig.fam_update_from")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=("auto", "bfloat16", "float32"),
+                    help="weights and activations (cells record it; a CPU without bf16 matmul units runs float32 "
+                         "far faster)")
     ap.add_argument("--cells", type=Path, default=CELLS, help="the cells file this run appends to and reports from")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "eval.md", help="report: the markdown to write")
     args = ap.parse_args()
@@ -197,7 +215,7 @@ def main() -> None:
         ap.error("--system is required")
     base_cfg = FamConfig(block_size=args.block_size, memory_blocks=args.memory_blocks, fam_len=args.fam_len,
                          fam_update_from=args.fam_update_from)
-    rt = load_system(args.system, args.adapter, base_cfg)
+    rt = load_system(args.system, args.adapter, base_cfg, args.dtype)
     print(json.dumps({"system": args.system, "fam_config": rt.fam_config.describe()}), flush=True)
     name = args.name or args.system
     if args.task == "passkey":
