@@ -130,7 +130,7 @@ def nexttoken(rt: FamRuntime, system: str, excerpts: int, excerpt_len: int, skip
 
 
 def report(cells_path: Path = CELLS, out: Path = ROOT / "docs" / "eval.md") -> None:
-    """`out` (markdown) and the PassKey plot beside it (<out stem>_passkey.png) from the cells."""
+    """`out` (markdown) and, when there are PassKey cells, their plot beside it (<out stem>_passkey.png)."""
     cells = [json.loads(line) for line in cells_path.open()]
     pk: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     nt: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -163,6 +163,8 @@ def report(cells_path: Path = CELLS, out: Path = ROOT / "docs" / "eval.md") -> N
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not pk:
+        return
 
     import matplotlib
 
