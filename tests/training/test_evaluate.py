@@ -26,3 +26,4 @@ def test_cells_are_done_per_dtype_and_reported_apart(tmp_path):
     text = out.read_text()
     assert f"| sink-base | {20 / 47:.4f} | 47 | 1 |" in text
     assert f"| sink-base (float32) | {30 / 47:.4f} | 47 | 1 |" in text
+    assert "PassKey" not in text  # no PassKey cells, no empty table
