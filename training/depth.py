@@ -197,6 +197,11 @@ def dtype_name(rt: FamRuntime) -> str:
     return str(rt.dtype).removeprefix("torch.")
 
 
+def cell_dtype(cell: dict) -> str:
+    """The dtype a cell was measured in (cells written before the dtype was recorded were bfloat16)."""
+    return cell.get("dtype", "bfloat16")
+
+
 def load_system(system: str, adapter: Path, overrides: dict, dtype: str) -> tuple[FamRuntime, str]:
     mode, weights = system.split("-")
     if weights == "adapter":
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace) -> None:
     overrides = parse_set(args.set)
     rt, mode = load_system(args.system, args.adapter, overrides, args.dtype)
     name = args.name or args.system
-    other = {c.get("dtype", "bfloat16") for c in cells(args.runs) if c["system"] == name} - {dtype_name(rt)}
+    other = {cell_dtype(c) for c in cells(args.runs) if c["system"] == name} - {dtype_name(rt)}
     if other:  # one system's cells, and the state a deeper run resumes from, stay in one dtype
         raise SystemExit(f"{args.runs} holds {name} cells in {other}, this run is {dtype_name(rt)}: "
                          "use --runs or --name")
@@ -248,7 +253,7 @@ def report(args: argparse.Namespace) -> None:
 
     by = {}
     found = cells(args.runs)
-    dtypes = sorted({c.get("dtype", "bfloat16") for c in found})  # cells from before the dtype was recorded: bf16
+    dtypes = sorted({cell_dtype(c) for c in found})
     for c in found:
         by.setdefault(c["system"], {})[c["depth"]] = c
     depths = sorted({d for s in by.values() for d in s})

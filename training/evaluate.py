@@ -34,6 +34,7 @@ from model.config import FamConfig
 from model.loader import DEFAULT_MODEL_NAME
 from model.runtime import FamRuntime
 from training.data import DataMaker, prose_tokens, to_tensors
+from training.depth import cell_dtype, dtype_name
 from training.train import sequence_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +54,6 @@ def load_system(system: str, adapter: Path, base_cfg: FamConfig, dtype: str = "b
         cfg = load_adapter(fam_adapter, DEFAULT_MODEL_NAME).fam_config()
         base_cfg = base_cfg.replace(block_size=cfg.block_size, memory_blocks=cfg.memory_blocks, fam_len=cfg.fam_len)
     return FamRuntime.load(None, fam=base_cfg.replace(mode=system.removesuffix("-base")), dtype=dtype)
-
-
-def cell_dtype(cell: dict) -> str:
-    """The dtype a cell was measured in (cells written before the flag existed were bfloat16)."""
-    return cell.get("dtype", "bfloat16")
 
 
 def label(cell: dict) -> str:
@@ -81,7 +77,7 @@ def record(cells: Path, rec: dict) -> None:
 
 @torch.inference_mode()
 def passkey(rt: FamRuntime, system: str, lengths: list[int], keys: int, batch: int, cells: Path = CELLS) -> None:
-    dtype = str(rt.dtype).removeprefix("torch.")
+    dtype = dtype_name(rt)
     done = done_cells(cells)
     for filler in lengths:
         if system.startswith("full") and filler + 100 > FULL_LIMIT:
@@ -111,7 +107,7 @@ def passkey(rt: FamRuntime, system: str, lengths: list[int], keys: int, batch: i
 
 @torch.inference_mode()
 def nexttoken(rt: FamRuntime, system: str, excerpts: int, excerpt_len: int, skip: int, cells: Path = CELLS) -> None:
-    dtype = str(rt.dtype).removeprefix("torch.")
+    dtype = dtype_name(rt)
     done = done_cells(cells)
     stream = prose_tokens(rt.tokenizer, held_out=True)
     for i in range(excerpts):
