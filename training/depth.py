@@ -188,7 +188,6 @@ def cells(runs: Path) -> list[dict]:
 
 
 def record(runs: Path, rec: dict) -> None:
-    runs.mkdir(parents=True, exist_ok=True)
     with (runs / "cells.jsonl").open("a") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -217,6 +216,7 @@ def parse_set(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    args.runs.mkdir(parents=True, exist_ok=True)  # a fam run writes its trace before its first cell
     overrides = parse_set(args.set)
     rt, mode = load_system(args.system, args.adapter, overrides, args.dtype)
     name = args.name or args.system
