@@ -23,6 +23,10 @@ sink and bswa have a bounded receptive field: a token's output depends on the si
 (each layer reaches m blocks further back), so their state at depth N is computed exactly from the sinks plus the
 L·m + 1 blocks before N (`window_stream`; tests/training/test_depth.py checks it against the whole stream).
 Every measured cell is appended to runs/depth/cells.jsonl; `report` writes docs/depth.md and docs/depth.png.
+
+`--window W` scores W tokens after each depth (default 2,048; one window length per --runs folder). Two systems
+disagree on some of the same tokens, so their gap in one window has a sampling noise: cells keep their hits per
+256 tokens, and the report gives the standard deviation of the worst gap from them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ R_ORDER = ("R-intro", "R-lang", "R-data", "R-admin", "R-FAQ", "R-ints", "R-exts"
 DEPTHS = (2048, 4096, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072, 196608, 262144, 393216, 524288,
           786432, 1048576)
 WINDOW = 2048
+SPAN = 256  # cells record their hits per SPAN scored tokens: the report's paired noise of a gap comes from them
 SYSTEMS = ("fam-adapter", "sink-adapter", "bswa-adapter", "sink-base", "bswa-base")
 
 
@@ -114,18 +119,22 @@ def stream_logits(m: FamLM, mode: str, ids: Tensor, depth: int, window: int = WI
     return torch.cat(out)
 
 
-def score(m: FamLM, h: Tensor, targets: Tensor) -> tuple[int, int]:
-    """Greedy next-token hits of hidden states h [1, T, d] against targets [T]."""
-    pred = m.logits(h[0]).argmax(-1)
-    return int((pred == targets).sum()), targets.numel()
+def score(m: FamLM, h: Tensor, targets: Tensor) -> list[bool]:
+    """Greedy next-token hits of hidden states h [1, T, d] against targets [T], token by token."""
+    return (m.logits(h[0]).argmax(-1) == targets).tolist()
+
+
+def window_cell(hits: list[bool]) -> dict:
+    """A cell's score from its scored tokens' hits: the total, and the hits per SPAN tokens."""
+    spans = [sum(hits[i:i + SPAN]) for i in range(0, len(hits), SPAN)]
+    return {"hits": sum(hits), "n": len(hits), "accuracy": round(sum(hits) / len(hits), 4), "span_hits": spans}
 
 
 @torch.inference_mode()
-def run_window(rt: FamRuntime, mode: str, stream: list[int], depth: int) -> tuple[int, int]:
-    ids = torch.tensor(stream[:depth + WINDOW + 1], device=rt.device)
-    pred = window_logits(rt.module, mode, ids, depth).argmax(-1)
-    targets = ids[depth + 1:depth + WINDOW + 1]
-    return int((pred == targets).sum()), WINDOW
+def run_window(rt: FamRuntime, mode: str, stream: list[int], depth: int, window: int) -> list[bool]:
+    ids = torch.tensor(stream[:depth + window + 1], device=rt.device)
+    pred = window_logits(rt.module, mode, ids, depth, window).argmax(-1)
+    return (pred == ids[depth + 1:depth + window + 1]).tolist()
 
 
 def trace_row(block: int, tokens: int, old: Tensor, new: Tensor, start: int) -> dict:
@@ -137,9 +146,9 @@ def trace_row(block: int, tokens: int, old: Tensor, new: Tensor, start: int) -> 
 
 
 @torch.inference_mode()
-def run_stream(rt: FamRuntime, cell: dict, stream: list[int], depths: list[int], runs: Path) -> None:
-    """One pass of fam over the stream up to the deepest window, scoring every window and tracing the state.
-    `cell`: what every cell of this system records besides its depth and score (`run`)."""
+def run_stream(rt: FamRuntime, cell: dict, stream: list[int], depths: list[int], runs: Path, window: int) -> None:
+    """One pass of fam over the stream up to the deepest window, scoring every window of `window` tokens and tracing
+    the state. `cell`: what every cell of this system records besides its depth and score (`run`)."""
     m, B, system = rt.module, rt.fam_config.block_size, cell["system"]
     ckpt, trace = runs / f"{system}.state", runs / f"{system}.trace.jsonl"
     done = {c["depth"] for c in cells(runs) if c["system"] == system}
@@ -154,29 +163,27 @@ def run_stream(rt: FamRuntime, cell: dict, stream: list[int], depths: list[int],
         todo = [d for d in todo if d >= pos]
     if not todo:
         return
-    end = todo[-1] + WINDOW
+    end = todo[-1] + window
     ids = torch.tensor(stream[:end + 1], device=rt.device)
-    windows = {d: [0, 0] for d in todo}
+    windows: dict[int, list[bool]] = {d: [] for d in todo}
     t0, t_ckpt = time.time(), time.time()
     for a, b in ((pos + x, pos + y) for x, y in state.cuts(end - pos)):
         old = state.fam
         state, h = m.forward_chunk(state, ids[None, a:b])
         for d, acc in windows.items():
-            lo, hi = max(a, d), min(b, d + WINDOW)
+            lo, hi = max(a, d), min(b, d + window)
             if lo < hi:
-                got = score(m, h[:, lo - a:hi - a], ids[lo + 1:hi + 1])
-                acc[0], acc[1] = acc[0] + got[0], acc[1] + got[1]
-                if hi == d + WINDOW:
-                    record(runs, {**cell, "depth": d, "hits": acc[0], "n": acc[1],
-                                  "accuracy": round(acc[0] / acc[1], 4), "seconds": round(time.time() - t0)})
-                    print(f"{system} depth {d}: {acc[0] / acc[1]:.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
+                acc += score(m, h[:, lo - a:hi - a], ids[lo + 1:hi + 1])
+                if hi == d + window:
+                    record(runs, {**cell, "depth": d, **window_cell(acc), "seconds": round(time.time() - t0)})
+                    print(f"{system} depth {d}: {sum(acc) / len(acc):.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
                           f"tok/s since start)", flush=True)
         if b % B == 0 and state.cfg.F:
             blk = b // B - 1
             if blk < 64 or blk % 8 == 0:
                 with trace.open("a") as f:
                     f.write(json.dumps(trace_row(blk, b, old, state.fam, state.cfg.fam_update_from)) + "\n")
-        if time.time() - t_ckpt > 300 and not any(d <= b < d + WINDOW for d in todo):  # never inside a window
+        if time.time() - t_ckpt > 300 and not any(d <= b < d + window for d in todo):  # never inside a window
             ckpt.write_bytes(rt.state_to_bytes(state))
             t_ckpt = time.time()
     ckpt.write_bytes(rt.state_to_bytes(state))  # a deeper run later resumes from here
@@ -194,6 +201,22 @@ def record(runs: Path, rec: dict) -> None:
 
 def dtype_name(rt: FamRuntime) -> str:
     return str(rt.dtype).removeprefix("torch.")
+
+
+def cell_window(cell: dict) -> int:
+    """Scored tokens of a cell (cells from before --window scored WINDOW)."""
+    return cell.get("window", WINDOW)
+
+
+def paired_sd(a: dict, b: dict) -> float | None:
+    """Standard deviation of the accuracy gap a - b between two cells of one window from its sampling noise: the
+    spans' hit differences taken as independent draws (None for cells without span hits)."""
+    if "span_hits" not in a or "span_hits" not in b:
+        return None
+    diffs = [x - y for x, y in zip(a["span_hits"], b["span_hits"], strict=True)]
+    mean = sum(diffs) / len(diffs)
+    var = sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
+    return (var * len(diffs)) ** 0.5 / a["n"]
 
 
 def cell_dtype(cell: dict) -> str:
@@ -220,27 +243,29 @@ def run(args: argparse.Namespace) -> None:
     overrides = parse_set(args.set)
     rt, mode = load_system(args.system, args.adapter, overrides, args.dtype)
     name = args.name or args.system
-    other = {cell_dtype(c) for c in cells(args.runs) if c["system"] == name} - {dtype_name(rt)}
+    mine = [c for c in cells(args.runs) if c["system"] == name]
+    other = {cell_dtype(c) for c in mine} - {dtype_name(rt)}
     if other:  # one system's cells, and the state a deeper run resumes from, stay in one dtype
         raise SystemExit(f"{args.runs} holds {name} cells in {other}, this run is {dtype_name(rt)}: "
                          "use --runs or --name")
+    if {cell_window(c) for c in cells(args.runs)} - {args.window}:  # a report compares windows of one length
+        raise SystemExit(f"{args.runs} holds cells of another window than {args.window} tokens: use --runs")
     stream = text_tokens(rt.tokenizer)
     # a system run with another adapter than the bundled one names it in its cells (the report lists them)
     adapter = {} if args.adapter == BUNDLED[DEFAULT_MODEL_NAME] else {"adapter": str(args.adapter)}
-    cell = {"system": name, "set": overrides, **adapter, "dtype": dtype_name(rt)}
+    cell = {"system": name, "set": overrides, **adapter, "dtype": dtype_name(rt), "window": args.window}
     depths = [d for d in DEPTHS if d <= args.max_depth]
-    assert depths[-1] + WINDOW < len(stream), f"the text has {len(stream)} tokens"
+    assert depths[-1] + args.window < len(stream), f"the text has {len(stream)} tokens"
     if mode == "fam":
-        return run_stream(rt, cell, stream, depths, args.runs)
-    done = {c["depth"] for c in cells(args.runs) if c["system"] == name}
+        return run_stream(rt, cell, stream, depths, args.runs, args.window)
+    done = {c["depth"] for c in mine}
     for d in depths:
         if d in done:
             continue
         t0 = time.time()
-        hits, n = run_window(rt, mode, stream, d)
-        record(args.runs, {**cell, "depth": d, "hits": hits, "n": n, "accuracy": round(hits / n, 4),
-                           "seconds": round(time.time() - t0)})
-        print(f"{name} depth {d}: {hits / n:.3f}", flush=True)
+        scored = window_cell(run_window(rt, mode, stream, d, args.window))
+        record(args.runs, {**cell, "depth": d, **scored, "seconds": round(time.time() - t0)})
+        print(f"{name} depth {d}: {scored['accuracy']:.3f}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -254,16 +279,21 @@ def report(args: argparse.Namespace) -> None:
     by = {}
     found = cells(args.runs)
     dtypes = sorted({cell_dtype(c) for c in found})
+    windows = {cell_window(c) for c in found}
+    if len(windows) != 1:
+        raise SystemExit(f"{args.runs} holds cells of windows {sorted(windows)}: one report per window")
+    window = windows.pop()
     for c in found:
         by.setdefault(c["system"], {})[c["depth"]] = c
     depths = sorted({d for s in by.values() for d in s})
     systems = [s for s in SYSTEMS if s in by] + sorted(s for s in by if s not in SYSTEMS)
     lines = ["# Depth test: next-token accuracy after N ingested tokens", "",
              f"Generated by `python -m training.depth report{args.flags}` from the cells.jsonl of those runs. "
-             f"Each cell: greedy next-token accuracy over the {args.window} tokens that follow N tokens of the R "
+             f"Each cell: greedy next-token accuracy over the {window} tokens that follow N tokens of the R "
              f"manuals (Debian r-doc-pdf, never seen in training), default model, {' and '.join(dtypes)}, the "
              "bundled adapter's B, m and F. Commands: `python -m training.depth run --system SYSTEM --max-depth "
              f"1048576{'' if dtypes == ['bfloat16'] else ' --dtype ' + '|'.join(dtypes)}"
+             f"{'' if window == WINDOW else f' --window {window}'}"
              f"{'' if args.runs == RUNS else f' --runs {args.runs}'}` per system.", "",
              "| system | " + " | ".join(f"{d // 1024}k" for d in depths) + " |",
              "|---|" + "---:|" * len(depths)]
@@ -279,9 +309,11 @@ def report(args: argparse.Namespace) -> None:
                   + "; ".join(f"`{s}`: {a}" for s, a in adapters.items() if a) + "."]
     shipped = load_adapter(BUNDLED[DEFAULT_MODEL_NAME], DEFAULT_MODEL_NAME).fam_config()
     lines += ["", f"The bundled adapter declares fam_gate = {shipped.fam_gate}. Target: fam >= sink - 0.01 at every "
-              "depth. Gap of each fam system to each sink system (fam minus sink, over the depths both have):", "",
-              "| fam system | against | depths | mean gap | worst gap | at | met |",
-              "|---|---|---:|---:|---:|---:|---|"]
+              "depth. Gap of each fam system to each sink system (fam minus sink, over the depths both have); SD: "
+              f"the sampling noise (one standard deviation) of the worst gap, from the two cells' hits per {SPAN} "
+              "tokens:", "",
+              "| fam system | against | depths | mean gap | worst gap | at | SD | met |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for f in (s for s in systems if s.startswith("fam")):
         for ref in (s for s in systems if s.startswith("sink")):
             common = [d for d in depths if d in by[f] and d in by[ref]]
@@ -290,8 +322,10 @@ def report(args: argparse.Namespace) -> None:
             gaps = {d: by[f][d]["accuracy"] - by[ref][d]["accuracy"] for d in common}
             worst = min(gaps, key=gaps.get)
             mean = sum(gaps.values()) / len(gaps)
+            sd = paired_sd(by[f][worst], by[ref][worst])
             lines.append(f"| {f} | {ref} | {len(common)} (to {common[-1] // 1024}k) | {mean:+.3f} | {gaps[worst]:+.3f}"
-                         f" | {worst // 1024}k | {'yes' if gaps[worst] >= -0.01 else 'no'} |")
+                         f" | {worst // 1024}k | {'-' if sd is None else f'{sd:.3f}'}"
+                         f" | {'yes' if gaps[worst] >= -0.01 else 'no'} |")
     lines += trace_lines(args.runs)
     args.out.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -300,7 +334,7 @@ def report(args: argparse.Namespace) -> None:
         ax.plot(ds, [by[s][d]["accuracy"] for d in ds], marker="o", label=s)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens ingested before the scored window")
-    ax.set_ylabel(f"next-token accuracy ({args.window} tokens)")
+    ax.set_ylabel(f"next-token accuracy ({window} tokens)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -348,13 +382,13 @@ def main() -> None:
     r.add_argument("--runs", type=Path, default=RUNS, help="folder of cells.jsonl, the states and the traces")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="FamConfig overrides, e.g. fam_norm=true")
     r.add_argument("--name", help="label of the measured system (default: --system)")
+    r.add_argument("--window", type=int, default=WINDOW, help="scored tokens after each depth (one per --runs)")
     rep = sub.add_parser("report")
     rep.add_argument("--runs", type=Path, default=RUNS, help="folder of cells.jsonl and the state traces")
     rep.add_argument("--out", type=Path, default=ROOT / "docs" / "depth.md", help="markdown; the plot beside it")
-    rep.add_argument("--window", type=int, default=WINDOW, help="scored tokens per cell in those runs")
     args = p.parse_args()
     if args.cmd == "report":
-        args.flags = "".join(f" --{k} {v}" for k, v in (("runs", args.runs), ("out", args.out), ("window", args.window))
+        args.flags = "".join(f" --{k} {v}" for k, v in (("runs", args.runs), ("out", args.out))
                              if v != rep.get_default(k))
     run(args) if args.cmd == "run" else report(args)
 

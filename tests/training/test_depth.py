@@ -70,3 +70,17 @@ def test_trace_table_keeps_the_last_trace_of_each_block(tmp_path):
     (tmp_path / "sys.trace.jsonl").write_text("\n".join(json.dumps(r) for r in rows + rows[:2]) + "\n")
     table = [line for line in trace_lines(tmp_path) if line.startswith("| ") and line[2].isdigit()]
     assert [line.split(" | ")[0] for line in table] == ["| 0", "| 1", "| 3"]
+
+
+def test_cells_keep_span_hits_and_the_report_gives_the_gaps_noise():
+    """A cell's hits per 256 tokens add up to its hits; the paired SD of two cells is zero for a constant
+    difference per span and grows with how unevenly the two systems disagree."""
+    from training.depth import paired_sd, window_cell
+
+    cell = window_cell([True] * 300 + [False] * 212)
+    assert (cell["hits"], cell["n"], cell["span_hits"]) == (300, 512, [256, 44])
+    a = {"n": 1024, "span_hits": [100, 110, 120, 130]}
+    assert paired_sd(a, {"n": 1024, "span_hits": [95, 105, 115, 125]}) == 0.0
+    uneven = paired_sd(a, {"n": 1024, "span_hits": [80, 110, 120, 130]})  # all 20 lost tokens in one span
+    assert uneven == pytest.approx((100 * 4) ** 0.5 / 1024)  # diffs 20, 0, 0, 0: sample variance 100
+    assert paired_sd(a, {"n": 1024, "hits": 400}) is None  # a cell from before span hits
