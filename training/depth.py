@@ -301,8 +301,9 @@ def report(args: argparse.Namespace) -> None:
         lines.append(f"| {s} | " + " | ".join(f"{by[s][d]['accuracy']:.3f}" if d in by[s] else "-"
                                               for d in depths) + " |")
     variants = {s: next(iter(by[s].values())).get("set") for s in systems}
-    lines += ["", "Variants (FamConfig overrides of the system named before the last dash): "
-              + "; ".join(f"`{s}`: {v}" for s, v in variants.items() if v) + "."]
+    if any(variants.values()):
+        lines += ["", "Variants (FamConfig overrides of the system named before the last dash): "
+                  + "; ".join(f"`{s}`: {v}" for s, v in variants.items() if v) + "."]
     adapters = {s: next(iter(by[s].values())).get("adapter") for s in systems}
     if any(adapters.values()):
         lines += ["", "Systems run with another adapter than the bundled one (`--adapter`): "
