@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from model.config import FamConfig
+from model.config import MODES, FamConfig
 
 if TYPE_CHECKING:
     from model.runtime import FamRuntime
@@ -54,6 +54,13 @@ class Adapter:
 
     def fam_config(self) -> FamConfig:
         return FamConfig(**self.meta["fam_config"])
+
+    @property
+    def default_mode(self) -> str:
+        """The mode of new sessions while this adapter is loaded and the server is told none: the mode its depth
+        test showed it holds to (meta `default_mode`, written by `training.adapter_config` with the measurement),
+        else `sink`, which needs no training to hold."""
+        return self.meta.get("default_mode", "sink")
 
     def apply(self, rt: FamRuntime) -> None:
         """Check the base model, then set P and merge the LoRA into rt's projections (see the module's doc)."""
@@ -117,9 +124,12 @@ def load_adapter(spec: str | os.PathLike[str], model_name: str) -> Adapter | Non
         raise AdapterError(f"corrupted or unreadable adapter file {path}: {e}") from e
     if header.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path} is not a FAM adapter (format {header.get('format')!r})")
+    meta = json.loads(header["meta"])
+    if meta.get("default_mode", "sink") not in MODES:
+        raise AdapterError(f"{path} declares an unknown default_mode {meta['default_mode']!r}")
     lora: dict[str, tuple[Tensor, Tensor]] = {}
     for key in tensors:
         if key.endswith(".lora_A"):
             name = key.removesuffix(".lora_A")
             lora[name] = (tensors[key], tensors[f"{name}.lora_B"])
-    return Adapter(prompt=tensors["fam_prompt"], lora=lora, meta=json.loads(header["meta"]), path=path)
+    return Adapter(prompt=tensors["fam_prompt"], lora=lora, meta=meta, path=path)

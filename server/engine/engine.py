@@ -69,10 +69,9 @@ class _Call:
 
 LEASE_POLL_SECONDS = 0.05  # how often a job waiting for another replica's lease on its session asks again
 
-# The mode of new sessions when the server is not told one: `sink`, with or without an adapter, until a FAM
-# adapter passes the depth test (docs/depth.md: never more than 1 point below sink). Untrained FAM collapses after
-# ~12 blocks (docs/untrained_fam.md); the bundled adapter, gated, stays 1-2 points below sink. A session asked for
-# in `fam` still gets `fam`.
+# The mode of new sessions when the server is not told one: the loaded adapter's `default_mode`, the mode its depth
+# test showed it holds to (the bundled adapter: `fam`, never more than 1 point below sink to 1M tokens), else `sink`:
+# untrained FAM collapses after ~12 blocks (docs/untrained_fam.md). A session asked for in any mode gets it.
 DEFAULT_MODE = "sink"
 
 
@@ -82,7 +81,7 @@ class Engine:
         backend = open_backend(config.data_dir, config.store_url, config.lease_seconds)
         self.store = SessionStore(rt, backend, config.secret, config.memory_budget_bytes)
         self.chat = ChatFormat(rt.chat_text, rt.decode([rt.tokenizer.eos_token_id]))
-        self.default_mode = config.default_mode or DEFAULT_MODE
+        self.default_mode = config.default_mode or (rt.adapter.default_mode if rt.adapter else DEFAULT_MODE)
         self._tokenizer_lock = threading.Lock()  # one tokenizer, used from the worker and helper threads
         self._exact_chunks = chunking_is_exact(self.encode_document)
         self.ctx = JobContext(config=config, store=self.store, chat=self.chat, model_name=rt.name,

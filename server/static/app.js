@@ -295,7 +295,7 @@ async function ingest(intoNew) {
     if (intoNew) {
       session = created = await apiJSON("v1/sessions", {
         method: "POST",
-        json: { mode: $("mode").value, metadata: { filename: file.name } },
+        json: { ...($("mode").value ? { mode: $("mode").value } : {}), metadata: { filename: file.name } },
       });
     }
     const form = new FormData();

@@ -56,6 +56,23 @@ def test_session_lifecycle(client, tiny_runtime):
     assert [x["id"] for x in client.get("/v1/sessions").json()["data"]] == [default["id"]]
 
 
+def test_sessions_default_to_the_mode_the_adapter_declares(make_client, tiny_chat_dir, tmp_path):
+    """An adapter that records default_mode (the bundled one: fam, once it passed the depth test) gives new sessions
+    that mode; --mode overrides it; an adapter that records none leaves sink (test_session_lifecycle)."""
+    from model.adapter import save_adapter
+
+    base = FamRuntime.load(tiny_chat_dir, dtype="float32")
+    meta = {"base_model": base.name, "base_model_fingerprint": base.model_fingerprint,
+            "fam_config": base.fam_config.__dict__, "lora": {"r": 2, "alpha": 4}}
+    for declared, expected in ((None, "sink"), ("fam", "fam"), ("bswa", "bswa")):
+        path = tmp_path / f"{declared}.safetensors"
+        save_adapter(path, base.module.fam_prompt, {}, meta | ({"default_mode": declared} if declared else {}))
+        rt = FamRuntime.load(tiny_chat_dir, dtype="float32", adapter=path)
+        client = make_client(rt, data_dir=tmp_path / f"data-{declared}")
+        assert client.post("/v1/sessions").json()["mode"] == expected
+    assert make_client(rt, data_dir=tmp_path / "told", mode="full").post("/v1/sessions").json()["mode"] == "full"
+
+
 def test_ingest_json_grows_the_session(client):
     sid = new_session(client)
     r = client.post(f"/v1/sessions/{sid}/ingest", json={"text": TEXT})
