@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     target = ingest.add_mutually_exclusive_group()
     target.add_argument("--session", metavar="ID", help="ingest into this session (default: a new one)")
     target.add_argument(
-        "--mode", choices=MODES, help="attention mode of the new session (server default: sink)"
+        "--mode", choices=MODES, help="attention mode of the new session (server default: fam with the bundled adapter)"
     )
     ingest.set_defaults(handler=_ingest)
 

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     adapter: str | None = Field("auto", description="a FAM adapter file, 'auto' (the bundled one for the default "
                                                     "model) or 'none'")
     mode: str | None = Field(None, description=f"default mode of new sessions and session-less requests: "
-                                               f"{', '.join(MODES)} (unset: sink)")
+                                               f"{', '.join(MODES)} (unset: the adapter's default_mode, fam for "
+                                               "the bundled one; sink without an adapter)")
     block_size: int | None = Field(None, ge=1, description="tokens per block B (unset: the adapter's or the "
                                                            "model's)")
     memory_blocks: int | None = Field(None, ge=0, description="memory blocks m (unset: the adapter's or the "

@@ -43,10 +43,11 @@ def test_question_about_an_ingested_document(real, mode):
     assert "Whiskers" in ask(real, "What is the name of Maria's cat?", session_id=sid)
 
 
-def test_sessions_default_to_sink_even_with_the_bundled_adapter(tmp_path):
-    """The bundled adapter drifts below sink past ~8k tokens (docs/depth.md): `fam` is opt-in until one passes."""
+def test_sessions_default_to_fam_with_the_bundled_adapter(tmp_path):
+    """The bundled adapter passed the depth test (within 1 point of sink to 1M tokens, docs/depth_float32_w8k.md)
+    and declares `fam` its default mode; without an adapter sessions default to sink."""
     rt = FamRuntime.load(None, adapter="auto")
-    assert rt.adapter is not None and rt.fam_config.mode == "fam"
+    assert rt.adapter is not None and rt.fam_config.mode == "fam" and rt.adapter.default_mode == "fam"
     with TestClient(create_app(Settings(data_dir=tmp_path, secret="s"), rt)) as client:
-        assert client.post("/v1/sessions").json()["mode"] == "sink"
-        assert client.post("/v1/sessions", json={"mode": "fam"}).json()["mode"] == "fam"
+        assert client.post("/v1/sessions").json()["mode"] == "fam"
+        assert client.post("/v1/sessions", json={"mode": "sink"}).json()["mode"] == "sink"
