@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from model.loader import load_tokenizer, resolve_source
+from model.loader import load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from server import child
 from training.depth import text_tokens
 
@@ -72,8 +72,9 @@ def main() -> None:
                 print(f"filler {n}, {mode}: {sum(right)}/{len(right)} in {time.monotonic() - t0:.0f} s", flush=True)
     finally:
         child.stop(proc)
+    dtype = str(resolve_dtype("auto", resolve_device("auto"))).removeprefix("torch.")  # what the server's auto picks
     lines = [f"Chat recall through fam-server, {time.strftime('%Y-%m-%d')}; command: `python -m training.chat_recall "
-             f"{' '.join(sys.argv[1:])}`. Default model, bundled adapter, bf16, default settings; greedy answers of "
+             f"{' '.join(sys.argv[1:])}`. Default model, bundled adapter, {dtype}, default settings; greedy answers of "
              "at most 24 tokens, not committed.", "", f"Note ingested first: \"{NOTE}\"", "",
              "| filler tokens | mode | session tokens | correct | " + " | ".join(q for q, _ in QUESTIONS) + " |",
              "|---:|---|---:|---:|" + "---|" * len(QUESTIONS)]
