@@ -124,12 +124,12 @@ def load_adapter(spec: str | os.PathLike[str], model_name: str) -> Adapter | Non
         raise AdapterError(f"corrupted or unreadable adapter file {path}: {e}") from e
     if header.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path} is not a FAM adapter (format {header.get('format')!r})")
-    meta = json.loads(header["meta"])
-    if meta.get("default_mode", "sink") not in MODES:
-        raise AdapterError(f"{path} declares an unknown default_mode {meta['default_mode']!r}")
     lora: dict[str, tuple[Tensor, Tensor]] = {}
     for key in tensors:
         if key.endswith(".lora_A"):
             name = key.removesuffix(".lora_A")
             lora[name] = (tensors[key], tensors[f"{name}.lora_B"])
-    return Adapter(prompt=tensors["fam_prompt"], lora=lora, meta=meta, path=path)
+    adapter = Adapter(prompt=tensors["fam_prompt"], lora=lora, meta=json.loads(header["meta"]), path=path)
+    if adapter.default_mode not in MODES:
+        raise AdapterError(f"{path} declares an unknown default_mode {adapter.default_mode!r}")
+    return adapter

@@ -175,8 +175,9 @@ def run_stream(rt: FamRuntime, cell: dict, stream: list[int], depths: list[int],
             if lo < hi:
                 acc += score(m, h[:, lo - a:hi - a], ids[lo + 1:hi + 1])
                 if hi == d + window:
-                    record(runs, {**cell, "depth": d, **window_cell(acc), "seconds": round(time.time() - t0)})
-                    print(f"{system} depth {d}: {sum(acc) / len(acc):.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
+                    scored = window_cell(acc)
+                    record(runs, {**cell, "depth": d, **scored, "seconds": round(time.time() - t0)})
+                    print(f"{system} depth {d}: {scored['accuracy']:.3f} ({(b - pos) / (time.time() - t0 + 1e-9):.0f} "
                           f"tok/s since start)", flush=True)
         if b % B == 0 and state.cfg.F:
             blk = b // B - 1
@@ -243,12 +244,13 @@ def run(args: argparse.Namespace) -> None:
     overrides = parse_set(args.set)
     rt, mode = load_system(args.system, args.adapter, overrides, args.dtype)
     name = args.name or args.system
-    mine = [c for c in cells(args.runs) if c["system"] == name]
+    found = cells(args.runs)
+    mine = [c for c in found if c["system"] == name]
     other = {cell_dtype(c) for c in mine} - {dtype_name(rt)}
     if other:  # one system's cells, and the state a deeper run resumes from, stay in one dtype
         raise SystemExit(f"{args.runs} holds {name} cells in {other}, this run is {dtype_name(rt)}: "
                          "use --runs or --name")
-    if {cell_window(c) for c in cells(args.runs)} - {args.window}:  # a report compares windows of one length
+    if {cell_window(c) for c in found} - {args.window}:  # a report compares windows of one length
         raise SystemExit(f"{args.runs} holds cells of another window than {args.window} tokens: use --runs")
     stream = text_tokens(rt.tokenizer)
     # a system run with another adapter than the bundled one names it in its cells (the report lists them)
