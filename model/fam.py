@@ -31,6 +31,14 @@ from model.state import FamState
 FEW_QUERIES = 64
 
 
+def row_product(x: Tensor, w: Tensor, mv: bool) -> Tensor:
+    """One row x [..., in] times w^T, computed in w's dtype and returned in x's; `mv`: as a matrix-vector product
+    (`FamLM.keep_row_weights`)."""
+    xw = x.to(w.dtype)
+    y = torch.mv(w, xw.reshape(-1)).view(*x.shape[:-1], w.shape[0]) if mv else F_.linear(xw, w)
+    return y.to(x.dtype)
+
+
 def project(lin: nn.Module, x: Tensor) -> Tensor:
     """lin(x), except that one row (a token decoded alone) reads the layer's `row_weight` where the model keeps
     one (`FamLM.keep_row_weights`): a one-row projection reads every weight once for two FLOPs each, so its time is
@@ -38,7 +46,7 @@ def project(lin: nn.Module, x: Tensor) -> Tensor:
     w = getattr(lin, "row_weight", None)
     if w is None or x.numel() != x.shape[-1]:
         return lin(x)
-    y = F_.linear(x.to(w.dtype), w).to(x.dtype)
+    y = row_product(x, w, lin.row_mv)
     return y if lin.bias is None else y + lin.bias
 
 
@@ -81,7 +89,7 @@ class Attention(nn.Module):
         w = getattr(self, "row_qkv", None)
         if w is None or xn.numel() != xn.shape[-1]:
             return self.q(xn), *self.kv(xn)
-        y = F_.linear(xn.to(w.dtype), w).to(xn.dtype)
+        y = row_product(xn, w, self.row_mv)
         if self.q_proj.bias is not None:
             y = y + torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
         b, hd = xn.shape[0], self.head_dim
@@ -133,9 +141,9 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w = getattr(self, "row_gate_up", None)  # one row: the fused row copy of gate and up (`keep_row_weights`)
         if w is not None and x.numel() == x.shape[-1]:
-            gate, up = F_.linear(x.to(w.dtype), w).to(x.dtype).chunk(2, -1)
+            gate, up = row_product(x, w, self.row_mv).chunk(2, -1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
         return project(self.down_proj, F_.silu(gate) * up)
 
 
@@ -428,10 +436,15 @@ class FamLM(nn.Module):
             state, h = self.forward_chunk(state, tokens[:, a:b])
         return state, h[:, -1]
 
-    def keep_row_weights(self, dtype: torch.dtype | None) -> None:
+    def keep_row_weights(self, dtype: torch.dtype | None, mv: bool = False) -> None:
         """Keep a copy of every projection's weight (and the lm_head's) in `dtype` for passes of one row, or
         (None) drop the copies; q/k/v and gate/up are copied fused, so one row runs 4 matmuls a layer instead of
         7. Made from the weights as they are now: call it after merging an adapter, never with a LoRA attached.
+        `mv`: one row runs as `torch.mv` instead of a one-row GEMM; with no `dtype` the projections' own weights
+        serve it (no copy, unfused). On 2 AMX cores oneDNN's one-row bf16 GEMM reads a [1536, 576] matrix in
+        183 us where `torch.mv` takes 126 (the lm_head 4.1 against 2.6 ms), and a token decoded alone after 8k
+        tokens of the default model in bf16 took 43.5 -> 35.7 ms; with oneDNN and MKL held to AVX2 on the same
+        machine mv was no faster (`loader.row_mv_pays`).
         For a float32 model on a CPU, bfloat16 copies cost half its projection bytes in memory (~270 MB for the
         default model) and make a session decoding alone ~1.7x faster (58 -> 33 ms a token in process on the
         AVX2 EPYC, 2 threads); passes of two or more rows keep the float32 weights (bfloat16 matmuls are slower
@@ -441,14 +454,20 @@ class FamLM(nn.Module):
         def copy(*lins: nn.Module) -> Tensor | None:
             if any(type(lin) is not nn.Linear for lin in lins):
                 raise TypeError("row copies are made from plain projections (merge a LoRA first)")
-            return None if dtype is None else torch.cat([lin.weight.detach() for lin in lins]).to(dtype)
+            for lin in lins:
+                lin.row_mv = mv
+            if dtype is None:  # with mv, a projection's own weight (shared, not copied); fused ones go unfused
+                return lins[0].weight.detach() if mv and len(lins) == 1 else None
+            return torch.cat([lin.weight.detach() for lin in lins]).to(dtype)
 
         for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
+            a.row_mv = mlp.row_mv = mv
             a.row_qkv, a.o_proj.row_weight = copy(a.q_proj, a.k_proj, a.v_proj), copy(a.o_proj)
-            if mlp.gate_proj.bias is None:
-                mlp.row_gate_up = copy(mlp.gate_proj, mlp.up_proj)
+            mlp.row_gate_up = copy(mlp.gate_proj, mlp.up_proj) if mlp.gate_proj.bias is None else None
             mlp.down_proj.row_weight = copy(mlp.down_proj)
+            for lin in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):  # read unfused only without copies
+                lin.row_mv, lin.row_weight = mv, lin.weight.detach() if dtype is None and mv else None
         self.lm_head.row_weight = copy(self.lm_head)
 
     def logits(self, hidden: Tensor) -> Tensor:

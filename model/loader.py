@@ -286,6 +286,15 @@ def resolve_decode_dtype(choice: str, model_dtype: torch.dtype, device: torch.de
     return None if DTYPES[choice] == model_dtype else DTYPES[choice]
 
 
+def row_mv_pays(row_dtype: torch.dtype, device: torch.device, amx: bool | None = None) -> bool:
+    """Whether passes of one row run as `torch.mv` (`FamLM.keep_row_weights`): for bf16 or fp16 weights on a CPU
+    with AMX, where oneDNN's one-row GEMM reads them at ~10 GB/s and mv at ~14 (2 cores); with oneDNN and MKL held
+    to AVX2 mv was no faster. `amx`: the CPU's (default: `cpu_has_amx`)."""
+    if device.type != "cpu" or row_dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return bool(cpu_has_amx() if amx is None else amx)
+
+
 def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     """Whether the CPU has AMX bf16 tiles (Linux's cpuinfo flags); None where that file is not there."""
     try:

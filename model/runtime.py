@@ -50,7 +50,8 @@ class FamRuntime:
         adapter when loading the default model, else none) or None. The FAM layout is `fam`, else the adapter's,
         else the defaults, with `fam_overrides` (e.g. {"block_size": 512}) applied on top. `decode_dtype`: a copy
         of the projection weights for passes of one row (`loader.resolve_decode_dtype`; the server's default is
-        "auto"); keep "none" to train or to change the weights after loading."""
+        "auto"), and anything but "none" runs those passes as `torch.mv` where that pays (`loader.row_mv_pays`);
+        keep "none" to train or to change the weights after loading."""
         folder, name = loader.resolve_source(source)
         loader.read_config(folder)
         tokenizer = loader.load_tokenizer(folder)
@@ -61,7 +62,8 @@ class FamRuntime:
         rt = cls(module, tokenizer, name, folder, hf_config)
         if adapter_obj:
             adapter_obj.apply(rt)
-        module.keep_row_weights(loader.resolve_decode_dtype(decode_dtype, rt.dtype, dev))
+        row_dtype = loader.resolve_decode_dtype(decode_dtype, rt.dtype, dev)
+        module.keep_row_weights(row_dtype, mv=decode_dtype != "none" and loader.row_mv_pays(row_dtype or rt.dtype, dev))
         return rt
 
     @property
@@ -75,8 +77,9 @@ class FamRuntime:
     @property
     def decode_dtype(self) -> torch.dtype | None:
         """The dtype of the weight copy that passes of one row read, or None (they read the model's weights)."""
-        w = getattr(self.module.lm_head, "row_weight", None)
-        return None if w is None else w.dtype
+        lin = self.module.lm_head
+        w = getattr(lin, "row_weight", None)
+        return None if w is None or w.data_ptr() == lin.weight.data_ptr() else w.dtype
 
     @property
     def fam_config(self) -> FamConfig:

@@ -94,3 +94,37 @@ def test_row_copies_refuse_a_wrapped_projection(tiny_dirs):
     m.layers[0].mlp.down_proj = torch.nn.Sequential(m.layers[0].mlp.down_proj)  # as a LoRA wrapper would be
     with pytest.raises(TypeError, match="merge a LoRA first"):
         m.keep_row_weights(torch.bfloat16)
+
+
+@torch.no_grad()
+def test_one_row_as_mv_reads_the_weights_themselves(tiny_dirs):
+    """`mv` without copies: one row runs as torch.mv over the projections' own weights (shared, unfused), close to
+    the plain pass; passes of more rows are unchanged, bit for bit."""
+    m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4).to(torch.bfloat16)
+    state, tok, chunk = _doc(m, 21, 1), torch.tensor([[7]]), torch.tensor([[7, 8, 9]])
+    ref_one, ref_many = m.forward_chunk(state, tok), m.forward_chunk(state, chunk)
+    m.keep_row_weights(None, mv=True)
+    down, q = m.layers[0].mlp.down_proj, m.layers[0].self_attn.q_proj
+    assert down.row_weight.data_ptr() == down.weight.data_ptr() and q.row_weight.data_ptr() == q.weight.data_ptr()
+    assert m.layers[0].self_attn.row_qkv is None and m.layers[0].mlp.row_gate_up is None
+    one, many = m.forward_chunk(state, tok), m.forward_chunk(state, chunk)
+    assert torch.equal(many[1], ref_many[1])
+    torch.testing.assert_close(one[1], ref_one[1], atol=5e-2, rtol=5e-2)
+    calls = []
+    real_mv = torch.mv
+    try:
+        torch.mv = lambda w, x: calls.append(w.shape) or real_mv(w, x)
+        m.forward_chunk(state, tok)
+    finally:
+        torch.mv = real_mv
+    assert len(calls) == 7 * len(m.layers)  # q, k, v, o, gate, up, down: every projection of one row
+    m.keep_row_weights(None)
+    assert getattr(q, "row_weight", None) is None and torch.equal(m.forward_chunk(state, tok)[1], ref_one[1])
+
+
+def test_mv_only_for_half_precision_on_a_cpu_with_amx():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loader.row_mv_pays(torch.bfloat16, cpu, amx=True)
+    assert not loader.row_mv_pays(torch.bfloat16, cpu, amx=False)
+    assert not loader.row_mv_pays(torch.float32, cpu, amx=True)
+    assert not loader.row_mv_pays(torch.bfloat16, cuda, amx=True)
