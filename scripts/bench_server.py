@@ -21,8 +21,9 @@ prefill at 2k), and writes the table to --out:
   - time to first token of a short chat while another session ingests --load-tokens tokens, against idle, and
     that ingest's rate against the unloaded one at the longest target length.
 
-With --tradeoff S1,S2,... it measures the trade the engine's `FAM_BULK_TOKENS_BUSY` sets (the ingest tokens per
-step while chats generate): per value a fresh server, idle TTFT, one unloaded ingest of --load-tokens tokens, then
+With --tradeoff S1,S2,... it measures the trade the engine's `FAM_BULK_SECONDS_BUSY` sets (the seconds of ingest
+per step while chats generate, which the engine turns into a slice of tokens from the passes it measures): per
+value a fresh server, idle TTFT, one unloaded ingest of --load-tokens tokens, then
 another such ingest while one client chats back to back (each chat --answer-tokens long), its TTFT p50 / p95
 against idle and the ingest's rate against the unloaded one. A closed-loop chat client keeps the engine busy with
 chats the whole time, so each value gives one point of the curve between the two targets.
@@ -31,7 +32,7 @@ Prints a markdown table. Short runs:
     python scripts/bench_server.py --sessions 1,4 --ingest-tokens 1024
     python scripts/bench_server.py --streams 8 --stream-tokens 32
     python scripts/bench_server.py --targets --threads 2 --out docs/bench_targets.md
-    python scripts/bench_server.py --tradeoff 64,128,256 --threads 2 --load-tokens 32768 --out docs/bench_tradeoff.md
+    python scripts/bench_server.py --tradeoff 0.1,0.2,0.4 --threads 2 --load-tokens 32768 --out docs/bench_tradeoff.md
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ def run_targets(args: argparse.Namespace) -> None:
                 rates.append(sum(r[2] for r in results) / wall)
             loaded, bulk_tokens, bulk_wall = loaded_ttfts(base, new_session(base), document(base, args.load_tokens, 7),
                                                           args.answer_tokens)
+            slice_tokens = busy_slice(base)
         finally:
             child.stop(proc)
     loaded_p95 = p95(loaded)
@@ -286,7 +288,8 @@ def run_targets(args: argparse.Namespace) -> None:
               f"| TTFT idle, p50 s (5 chats) | {idle_p50:.3f} |",
               f"| TTFT while another session ingests {args.load_tokens} tokens: p50 / p95 s ({len(loaded)} chats) "
               f"| {loaded_p50:.3f} / {loaded_p95:.3f} |",
-              f"| that ingest's rate under the chats | {bulk_rate:.0f} |", "",
+              f"| that ingest's rate under the chats | {bulk_rate:.0f} |",
+              f"| its tokens per step while chats ran (sized to FAM_BULK_SECONDS_BUSY) | {slice_tokens} |", "",
               "| target | measured | met |", "|---|---|---|"]
 
     def row(name: str, value: float, goal: float, unit: str = "x") -> None:
@@ -329,6 +332,14 @@ def loaded_ttfts(base: str, sid: str, text: str, answer_tokens: int) -> tuple[li
     return loaded, bulk["tokens"], bulk["wall"]
 
 
+def busy_slice(base: str) -> int:
+    """The ingest tokens per step while chats run that the server came to (its /metrics)."""
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("fam_ingest_busy_tokens "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("no fam_ingest_busy_tokens in /metrics")
+
+
 def new_session(base: str) -> str:
     return httpx.post(f"{base}/v1/sessions").json()["id"]
 
@@ -340,10 +351,10 @@ def p95(xs: list[float]) -> float:
 def run_tradeoff(args: argparse.Namespace) -> None:
     threads = args.threads or os.cpu_count() or 1
     rows = []
-    for slice_tokens in (int(x) for x in args.tradeoff.split(",")):
+    for busy_seconds in args.tradeoff.split(","):
         with tempfile.TemporaryDirectory(prefix="fam-bench-") as data_dir:
             proc, base = start_server(argparse.Namespace(**{**vars(args), "threads": threads}), data_dir,
-                                      {"FAM_BULK_TOKENS_BUSY": str(slice_tokens)})
+                                      {"FAM_BULK_SECONDS_BUSY": busy_seconds})
             try:
                 warm = new_session(base)
                 timed_ingest(base, warm, document(base, 600, 98))
@@ -352,22 +363,24 @@ def run_tradeoff(args: argparse.Namespace) -> None:
                 tokens, wall = timed_ingest(base, new_session(base), document(base, args.load_tokens, 7))
                 loaded, l_tokens, l_wall = loaded_ttfts(base, new_session(base), document(base, args.load_tokens, 8),
                                                         args.answer_tokens)
+                slice_tokens = busy_slice(base)
             finally:
                 child.stop(proc)
         idle_p50 = statistics.median(idle)
-        rows.append((slice_tokens, idle_p50, statistics.median(loaded), p95(loaded), len(loaded), tokens / wall,
-                     l_tokens / l_wall))
+        rows.append((busy_seconds, slice_tokens, idle_p50, statistics.median(loaded), p95(loaded), len(loaded),
+                     tokens / wall, l_tokens / l_wall))
         print(rows[-1], flush=True)
     lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype}, load average at start "
              f"{args.load_at_start:.1f}; command: `python scripts/bench_server.py {' '.join(sys.argv[1:])}`. Per "
-             f"row a fresh server with that FAM_BULK_TOKENS_BUSY; one client chats back to back ({args.answer_tokens}"
+             f"row a fresh server with that FAM_BULK_SECONDS_BUSY (slice: the ingest tokens per step it came to); "
+             f"one client chats back to back ({args.answer_tokens}"
              f" tokens each) while another session ingests {args.load_tokens} tokens. Targets (engine issue): TTFT "
              "p50 <= 3x idle, p95 <= 5x idle, the ingest >= 0.8x its unloaded rate.", "",
-             "| FAM_BULK_TOKENS_BUSY | TTFT idle p50 s | TTFT under ingest p50 s (x idle) | p95 s (x idle) | chats "
-             "| ingest unloaded tok/s | ingest under chats tok/s (x unloaded) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for sl, idle_p50, lp50, lp95, n, un, under in rows:
-        lines.append(f"| {sl} | {idle_p50:.3f} | {lp50:.3f} ({lp50 / idle_p50:.2f}x) | {lp95:.3f} "
+             "| FAM_BULK_SECONDS_BUSY | slice | TTFT idle p50 s | TTFT under ingest p50 s (x idle) | p95 s (x idle) "
+             "| chats | ingest unloaded tok/s | ingest under chats tok/s (x unloaded) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for sec, sl, idle_p50, lp50, lp95, n, un, under in rows:
+        lines.append(f"| {sec} | {sl} | {idle_p50:.3f} | {lp50:.3f} ({lp50 / idle_p50:.2f}x) | {lp95:.3f} "
                      f"({lp95 / idle_p50:.2f}x) | {n} | {un:.0f} | {under:.0f} ({under / un:.2f}x) |")
     text_out = "\n".join(lines) + "\n"
     print(text_out)
@@ -393,7 +406,7 @@ def main() -> None:
     p.add_argument("--targets", action="store_true", help="the engine issue's rate targets in one run (see above)")
     p.add_argument("--target-lengths", default="8192,65536", help="with --targets: ingest lengths")
     p.add_argument("--load-tokens", type=int, default=131072, help="with --targets: the ingest under the chats")
-    p.add_argument("--tradeoff", help="comma-separated FAM_BULK_TOKENS_BUSY values: the TTFT / ingest trade")
+    p.add_argument("--tradeoff", help="comma-separated FAM_BULK_SECONDS_BUSY values: the TTFT / ingest trade")
     p.add_argument("--out", help="with --targets or --tradeoff: also write the table here")
     args = p.parse_args()
     args.load_at_start = os.getloadavg()[0]

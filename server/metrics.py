@@ -33,6 +33,9 @@ class EngineCollector(Collector):
                                 value=m.get("state_bytes_resident", 0))
         yield GaugeMetricFamily("fam_queue_depth", "Requests running or waiting on the model worker",
                                 value=m.get("queue_depth", 0))
+        yield GaugeMetricFamily("fam_ingest_busy_tokens", "Ingest tokens per engine step while chats run (sized "
+                                "to FAM_BULK_SECONDS_BUSY from the passes measured)",
+                                value=m.get("ingest_busy_tokens", 0))
         yield CounterMetricFamily("fam_tokens_ingested", "Tokens ingested into sessions",
                                   value=m.get("tokens_ingested", 0))
         yield CounterMetricFamily("fam_tokens_generated", "Tokens sampled", value=m.get("tokens_generated", 0))

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     decode_dtype: str = Field("auto", description="a copy of the weights that a session decoding alone reads: auto "
                                                   "(bfloat16 when the model runs float32 on a CPU: ~1.5x single-"
                                                   "stream decode for half the weights' memory more), bfloat16 or "
-                                                  "none")
+                                                  "none; all but none run that row as a matrix-vector product where "
+                                                  "it pays (bf16/fp16 weights on a CPU with AMX)")
     device: str = Field("auto", description="cpu, cuda or auto")
 
     # --- storage and security
@@ -78,9 +79,11 @@ class Settings(BaseSettings):
     memory_budget_bytes: int = Field(2 * 2**30, ge=0, description="resident session states above this spill to "
                                                                   "disk")
     checkpoint_seconds: float = Field(60.0, gt=0, description="a long ingest also saves its session this often")
-    bulk_tokens_busy: int = Field(64, ge=1, description="ingest tokens per engine step while chats generate (and "
-                                                        "for 2 s after): smaller gives chats faster tokens, larger "
-                                                        "keeps more of the ingest's rate (README: engine benchmark)")
+    bulk_seconds_busy: float = Field(0.3, gt=0, le=60, description="seconds of ingest work per engine step while "
+                                     "chats generate (and for 2 s after; the engine turns it into tokens at the "
+                                     "cost of a row it measures): about what a chat's prompt waits for ingest in "
+                                     "flight and each of its tokens waits; larger keeps more of the ingest's rate "
+                                     "(README: engine benchmark)")
 
     log_level: str = Field("info", description="debug, info, warning or error")
 
@@ -135,7 +138,7 @@ class Settings(BaseSettings):
             max_pdf_pages=self.max_pdf_pages,
             memory_budget_bytes=self.memory_budget_bytes,
             checkpoint_seconds=self.checkpoint_seconds,
-            bulk_tokens_busy=self.bulk_tokens_busy,
+            bulk_seconds_busy=self.bulk_seconds_busy,
             store_url=self.store,
             lease_seconds=self.lease_seconds,
             lease_wait_seconds=self.lease_wait_seconds,

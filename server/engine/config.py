@@ -18,11 +18,11 @@ class EngineConfig:
     memory_budget_bytes: int = 2 * 2**30  # sum of resident states' nbytes; idle sessions above it spill to disk
     checkpoint_seconds: float = 60.0  # a long ingest saves its session at least this often
     # One engine step is one batched model pass (see server.engine.scheduler): generations first, at most
-    # `step_tokens` tokens between them (each decoding session feeds one), then one ingest slice of at most
-    # `bulk_tokens_busy` tokens while generations run and for `bulk_linger_seconds` after one ran, else of at most
-    # `step_tokens` (a block at the default).
+    # `step_tokens` tokens between them (each decoding session feeds one), then one ingest slice: while generations
+    # run and for `bulk_linger_seconds` after one ran, as many tokens as `bulk_seconds_busy` of ingest work (at
+    # the cost of a row the engine measures), else at most `step_tokens` (a block at the default).
     step_tokens: int = 256
-    bulk_tokens_busy: int = 64
+    bulk_seconds_busy: float = 0.3
     bulk_linger_seconds: float = 2.0
     max_logprobs: int = 20  # alternatives per token that logprobs / top_logprobs may ask for
     max_idempotency_keys: int = 256  # remembered per session (oldest forgotten first)

@@ -90,7 +90,7 @@ class Engine:
                               eos_ids=rt.eos_token_ids)
         self.stats = self.ctx.stats
         # worker thread only
-        self.scheduler = Scheduler(config.step_tokens, config.bulk_tokens_busy, config.bulk_linger_seconds)
+        self.scheduler = Scheduler(config.step_tokens, config.bulk_seconds_busy, config.bulk_linger_seconds)
         self.executor = Executor(rt)
         self._cv = threading.Condition()
         self._inbox: deque[Job | _Call] = deque()  # from the event loop to the worker (under _cv)
@@ -240,7 +240,8 @@ class Engine:
             queued = self._unfinished
         return {"sessions": self.store.count(), "sessions_resident": len(resident),
                 "state_bytes_resident": sum(s.state_bytes for s in resident), "queue_depth": queued,
-                "tokens_ingested": self.stats.tokens_ingested, "tokens_generated": self.stats.tokens_generated}
+                "tokens_ingested": self.stats.tokens_ingested, "tokens_generated": self.stats.tokens_generated,
+                "ingest_busy_tokens": self.scheduler.busy_tokens()}
 
     # ---------------------------------------------------------------------------------------------- submission
 
@@ -358,7 +359,10 @@ class Engine:
                 self._fail(job, e)
         if not planned:
             return
+        start = time.monotonic()
         outputs = self.executor.run([w for _, w in planned])
+        self.scheduler.observe(sum(len(w.tokens) for _, w in planned),
+                               sum(len(w.tokens) for job, w in planned if job.bulk), time.monotonic() - start)
         for (job, _), out in zip(planned, outputs, strict=True):
             try:
                 if isinstance(out, Exception):

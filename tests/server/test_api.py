@@ -336,6 +336,7 @@ def test_metrics(client):
     text = client.get("/metrics").text
     lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert lines["fam_sessions"] == 1 and lines["fam_state_bytes"] > 0 and lines["fam_queue_depth"] == 0
+    assert 1 <= lines["fam_ingest_busy_tokens"] <= 256  # the engine has measured the ingest above
     assert lines["fam_tokens_ingested_total"] >= client.get(f"/v1/sessions/{sid}").json()["tokens"]
     assert lines["fam_tokens_generated_total"] >= 3
     assert any(k.startswith('fam_request_seconds_bucket{') and 'route="/v1/chat/completions"' in k for k in lines)

@@ -74,9 +74,10 @@ def test_a_redis_store_needs_the_shared_secret(monkeypatch, capsys):
 def test_the_ingest_slice_under_chats_reaches_the_engine(monkeypatch):
     from server.engine import EngineConfig
 
-    assert Settings().engine_config(b"k").bulk_tokens_busy == EngineConfig(data_dir=".", secret=b"k").bulk_tokens_busy
-    monkeypatch.setenv("FAM_BULK_TOKENS_BUSY", "128")
-    assert Settings().engine_config(b"k").bulk_tokens_busy == 128
-    monkeypatch.setenv("FAM_BULK_TOKENS_BUSY", "0")
-    with pytest.raises(ValueError, match="bulk_tokens_busy"):
+    default = EngineConfig(data_dir=".", secret=b"k").bulk_seconds_busy
+    assert Settings().engine_config(b"k").bulk_seconds_busy == default
+    monkeypatch.setenv("FAM_BULK_SECONDS_BUSY", "0.5")
+    assert Settings().engine_config(b"k").bulk_seconds_busy == 0.5
+    monkeypatch.setenv("FAM_BULK_SECONDS_BUSY", "0")
+    with pytest.raises(ValueError, match="bulk_seconds_busy"):
         Settings()
