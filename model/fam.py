@@ -454,21 +454,20 @@ class FamLM(nn.Module):
         def copy(*lins: nn.Module) -> Tensor | None:
             if any(type(lin) is not nn.Linear for lin in lins):
                 raise TypeError("row copies are made from plain projections (merge a LoRA first)")
-            for lin in lins:
-                lin.row_mv = mv
             if dtype is None:  # with mv, a projection's own weight (shared, not copied); fused ones go unfused
                 return lins[0].weight.detach() if mv and len(lins) == 1 else None
             return torch.cat([lin.weight.detach() for lin in lins]).to(dtype)
 
         for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
-            a.row_mv = mlp.row_mv = mv
             a.row_qkv, a.o_proj.row_weight = copy(a.q_proj, a.k_proj, a.v_proj), copy(a.o_proj)
             mlp.row_gate_up = copy(mlp.gate_proj, mlp.up_proj) if mlp.gate_proj.bias is None else None
             mlp.down_proj.row_weight = copy(mlp.down_proj)
             for lin in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):  # read unfused only without copies
-                lin.row_mv, lin.row_weight = mv, lin.weight.detach() if dtype is None and mv else None
-        self.lm_head.row_weight = copy(self.lm_head)
+                lin.row_weight = copy(lin) if dtype is None else None
+            for module in (a, mlp, a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                module.row_mv = mv
+        self.lm_head.row_weight, self.lm_head.row_mv = copy(self.lm_head), mv
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden states [..., d] -> float32 logits [..., vocab]. One row reads the lm_head's row copy

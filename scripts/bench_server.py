@@ -50,6 +50,7 @@ from pathlib import Path
 
 import httpx
 from bench_model import run as in_process  # scripts/: one bench_model measurement in its own process
+from prometheus_client.parser import text_string_to_metric_families
 
 from model import loader
 from server import child
@@ -334,10 +335,9 @@ def loaded_ttfts(base: str, sid: str, text: str, answer_tokens: int) -> tuple[li
 
 def busy_slice(base: str) -> int:
     """The ingest tokens per step while chats run that the server came to (its /metrics)."""
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith("fam_ingest_busy_tokens "):
-            return int(float(line.split()[1]))
-    raise RuntimeError("no fam_ingest_busy_tokens in /metrics")
+    families = text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+    gauge = next(f for f in families if f.name == "fam_ingest_busy_tokens")
+    return int(gauge.samples[0].value)
 
 
 def new_session(base: str) -> str:
