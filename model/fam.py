@@ -27,7 +27,8 @@ from model.config import ArchConfig, FamConfig
 from model.decode import DecodeBatch
 from model.state import FamState
 
-# Attention of up to this many query rows runs as plain matmuls in bf16/fp16 (Attention.few_queries).
+# Attention of up to this many query rows runs as plain matmuls in bf16/fp16 on CPUs without AMX
+# (Attention.few_queries; `loader.few_query_rows` sets each model's).
 FEW_QUERIES = 64
 
 
@@ -57,9 +58,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        """Hugging Face's Llama RMSNorm (normalised in float32, rounded to x's dtype, then scaled), with the float32
+        part as PyTorch's fused `rms_norm` (bit for bit the same here, one op instead of five)."""
+        return self.weight * F_.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -71,6 +72,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
+        self.few_rows = FEW_QUERIES  # up to this many bf16/fp16 query rows run `few_queries`, not SDPA
 
     def kv(self, xn: Tensor) -> tuple[Tensor, Tensor]:
         """xn [b, R, d] (normed) -> keys, values [b, kv_heads, R, head_dim], before RoPE."""
@@ -103,17 +105,21 @@ class Attention(nn.Module):
 
     def heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Attention per head: q [b, H, R, hd], k/v [b, KV, C, hd] -> [b, H, R, hd]. mask: None, boolean [R, C]
-        (True = attend) for every batch row, or (one query row, R = 1) a float32 bias [b, 1, 1, C] per row."""
-        if q.shape[2] <= FEW_QUERIES and q.dtype != torch.float32:
+        (True = attend) for every batch row, or (one query row, R = 1) an additive bias [b, 1, 1, C] per row in
+        q's dtype (0 or -inf)."""
+        if q.shape[2] <= self.few_rows and q.dtype != torch.float32:
             return self.few_queries(q, k, v, mask)
         return F_.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
 
     def few_queries(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Attention of a few query rows (a decoded token; a block's last token with its F feedback rows) as two
-        small matmuls per kv head, the grouped query heads side by side. PyTorch's CPU SDPA kernel is slow for few
-        bf16 queries; measured on one thread (scripts/bench_attention.py): 63 against 427 us for one query and 545
-        keys, 443 against 1,046 us for 33 queries and 578 keys with a mask, 1,070 against 1,330 for 64; from ~128
-        queries SDPA is faster. In float32 SDPA is fast and is kept."""
+        small matmuls per kv head, the grouped query heads side by side. On a CPU without AMX PyTorch's SDPA kernel
+        is slow for few bf16 queries; measured on one thread of the AVX2 EPYC (scripts/bench_attention.py): 63
+        against 427 us for one query and 545 keys, 443 against 1,046 us for 33 queries and 578 keys with a mask,
+        1,070 against 1,330 for 64; from ~128 queries SDPA is faster. On a CPU with AMX SDPA is faster at every
+        size (one thread: 37 against 106 us for one query, 367 against 1,041 for 33, 551 against 2,341 for 64), and
+        on CUDA SDPA is the fused kernel: `loader.few_query_rows` turns this path off there. In float32 SDPA is fast
+        and is kept."""
         b, r, g = q.shape[0], q.shape[2], self.n_heads // self.n_kv
         qg = q.reshape(b, self.n_kv, g * r, self.head_dim)  # query head h reads kv head h // g
         scores = (qg @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # [b, KV, g R, C]
@@ -286,17 +292,15 @@ class FamLM(nn.Module):
         tokens [b_i, T_i] ([T_i] when b_i = 1) inside its current block. The dense work (norms, projections, MLP,
         for block rows and feedback rows alike) runs over the rows of all documents at once, as one
         [1, sum b_i R_i, d] batch; attention runs per document over its own cache and mask, except for the
-        documents that `decode` takes (inference only: two or more decoding one token inside their block), which
-        attend together over its persistent buffer. Returns, per document, the new state and the final-normed hidden
-        states [b_i, T_i, d]. `grad_from`: as in `forward_chunk`.
+        documents that `decode` takes (inference only: those decoding one token inside their block, one alone
+        included), which attend together over its persistent buffer. Returns, per document, the new state and the
+        final-normed hidden states [b_i, T_i, d]. `grad_from`: as in `forward_chunk`.
         """
         assert len(states) == len(tokens) and states, "one chunk of tokens per state"
         assert decode is None or not torch.is_grad_enabled(), "a DecodeBatch is for inference"
         tokens = [t if t.dim() == 2 else t[None] for t in tokens]
         grouped = [] if decode is None else [
             i for i, (s, t) in enumerate(zip(states, tokens, strict=True)) if DecodeBatch.eligible(s, t.shape[1])]
-        if len(grouped) < 2:  # one alone through the buffer: 17.2 against 19.2 tok/s in bf16, equal in float32
-            grouped = []
         slots = decode.admit([states[i] for i in grouped]) if decode is not None else []
         taken = set(grouped)
         alone = [i for i in range(len(states)) if i not in taken]
@@ -354,8 +358,8 @@ class FamLM(nn.Module):
                     idx = torch.cat([d.upper if up else d.lower for d, up in zip(docs, key, strict=True)] + [g_idx])
                     tables[key] = cos_all[:, :, idx], sin_all[:, :, idx]
                 cos, sin = tables[key]
-                x = torch.cat([_flat(torch.cat((f, h), 1) if r else h)
-                               for f, h, r in zip(fam_in, hs, rows, strict=True)] + ([_flat(hg)] if ng else []), 1)
+                x = _cat([_flat(torch.cat((f, h), 1) if r else h)
+                          for f, h, r in zip(fam_in, hs, rows, strict=True)] + ([_flat(hg)] if ng else []), 1)
                 xn = layer.input_layernorm(x)  # [1, R, d]
                 q, k, v = attn.qkv(xn)  # the feedback rows' keys are computed and dropped: their keys are in the state
                 q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
@@ -375,10 +379,10 @@ class FamLM(nn.Module):
                     gk, gv = decode.write(li, at_g, _unflat(k[:, :, at:], ng), _unflat(v[:, :, at:], ng))
                     o = attn.heads(_unflat(q[:, :, at:], ng), gk, gv, mask_g)  # [n, H, 1, hd]
                     outs.append(o.transpose(0, 1).reshape(1, o.shape[1], ng, o.shape[3]))
-                resid = torch.cat([_flat(torch.cat((f * d.keep, h), 1) if r else h)
-                                   for f, h, r, d in zip(fam_in, hs, rows, docs, strict=True)]
-                                  + ([_flat(hg)] if ng else []), 1)
-                y = layer.finish(resid, attn.out(torch.cat(outs, 2)))
+                resid = _cat([_flat(torch.cat((f * d.keep, h), 1) if r else h)
+                              for f, h, r, d in zip(fam_in, hs, rows, docs, strict=True)]
+                             + ([_flat(hg)] if ng else []), 1)
+                y = layer.finish(resid, attn.out(_cat(outs, 2)))
                 at = 0
                 for i, (d, r) in enumerate(zip(docs, rows, strict=True)):
                     yi = y[:, at:at + d.b * (r + d.T)].reshape(d.b, r + d.T, -1)
@@ -387,7 +391,7 @@ class FamLM(nn.Module):
                     at += d.b * (r + d.T)
                 if ng:
                     hg = y[:, at:].reshape(ng, 1, -1)
-        normed = self.norm(torch.cat([_flat(h) for h in hs] + ([_flat(hg)] if ng else []), 1)).split(
+        normed = self.norm(_cat([_flat(h) for h in hs] + ([_flat(hg)] if ng else []), 1)).split(
             [d.b * d.T for d in docs] + ([ng] if ng else []), 1)
         out = []
         for i, (d, s) in enumerate(zip(docs, states, strict=True)):
@@ -441,7 +445,9 @@ class FamLM(nn.Module):
         (None) drop the copies; q/k/v and gate/up are copied fused, so one row runs 4 matmuls a layer instead of
         7. Made from the weights as they are now: call it after merging an adapter, never with a LoRA attached.
         `mv`: one row runs as `torch.mv` instead of a one-row GEMM; with no `dtype` the projections' own weights
-        serve it (no copy, unfused). On 2 AMX cores oneDNN's one-row bf16 GEMM reads a [1536, 576] matrix in
+        serve it, no copy: q/k/v and gate/up move into one fused tensor each, whose rows the projections' weights
+        then view (the default model in bf16 on 2 AMX cores: the 211 projections of a token read in 20.0 ms, the
+        121 fused ones in 15.8). On 2 AMX cores oneDNN's one-row bf16 GEMM reads a [1536, 576] matrix in
         183 us where `torch.mv` takes 126 (the lm_head 4.1 against 2.6 ms), and a token decoded alone after 8k
         tokens of the default model in bf16 took 43.5 -> 35.7 ms; with oneDNN and MKL held to AVX2 on the same
         machine mv was no faster (`loader.row_mv_pays`).
@@ -454,17 +460,28 @@ class FamLM(nn.Module):
         def copy(*lins: nn.Module) -> Tensor | None:
             if any(type(lin) is not nn.Linear for lin in lins):
                 raise TypeError("row copies are made from plain projections (merge a LoRA first)")
-            if dtype is None:  # with mv, a projection's own weight (shared, not copied); fused ones go unfused
-                return lins[0].weight.detach() if mv and len(lins) == 1 else None
-            return torch.cat([lin.weight.detach() for lin in lins]).to(dtype)
+            if dtype is not None:
+                return torch.cat([lin.weight.detach() for lin in lins]).to(dtype)
+            if not mv:
+                return None
+            if len(lins) == 1:
+                return lins[0].weight.detach()  # shared, not copied
+            fused, start = torch.cat([lin.weight.detach() for lin in lins]), 0
+            for lin in lins:  # the weights become views of the fused tensor: the same values, stored once
+                n = lin.weight.shape[0]
+                lin.weight = nn.Parameter(fused[start:start + n], requires_grad=lin.weight.requires_grad)
+                start += n
+            return fused
 
         for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
             a.row_qkv, a.o_proj.row_weight = copy(a.q_proj, a.k_proj, a.v_proj), copy(a.o_proj)
             mlp.row_gate_up = copy(mlp.gate_proj, mlp.up_proj) if mlp.gate_proj.bias is None else None
             mlp.down_proj.row_weight = copy(mlp.down_proj)
-            for lin in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):  # read unfused only without copies
-                lin.row_weight = copy(lin) if dtype is None else None
+            for lin in (a.q_proj, a.k_proj, a.v_proj):
+                lin.row_weight = None  # read fused
+            for lin in (mlp.gate_proj, mlp.up_proj):  # unfused only where the MLP has biases
+                lin.row_weight = copy(lin) if mlp.row_gate_up is None else None
             for module in (a, mlp, a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 module.row_mv = mv
         self.lm_head.row_weight, self.lm_head.row_mv = copy(self.lm_head), mv
@@ -517,6 +534,11 @@ class _Doc:
         n = self.fam_rows + self.T
         self.upper = torch.arange(start, start + self.b * n, device=self.pos.device)
         self.lower = self.upper.view(self.b, n)[:, self.fam_rows:].reshape(-1)
+
+
+def _cat(ts: list[Tensor], dim: int) -> Tensor:
+    """torch.cat, without the copy when there is one tensor (a pass of one document: most decode steps)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
 
 def _flat(x: Tensor) -> Tensor:

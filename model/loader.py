@@ -29,7 +29,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 
 from model.config import ArchConfig, FamConfig
-from model.fam import FamLM, Rope
+from model.fam import FEW_QUERIES, FamLM, Rope
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,9 @@ def load_module(folder: Path, fam: FamConfig, dtype: torch.dtype, device: torch.
     module.fam_prompt.data = module.fam_prompt.data.float()  # P is trained: keep it in fp32
     module.init_fam_prompt(tokenizer.encode(FAM_PROMPT_INIT_TEXT, add_special_tokens=False))
     module.eval().requires_grad_(False)
+    few = few_query_rows(device)
+    for layer in module.layers:
+        layer.self_attn.few_rows = few
     return module, hf_config
 
 
@@ -284,6 +287,16 @@ def resolve_decode_dtype(choice: str, model_dtype: torch.dtype, device: torch.de
     if choice not in DTYPES:
         raise ModelLoadError(f"unknown decode dtype {choice!r}: choose one of auto, none, bfloat16, float16")
     return None if DTYPES[choice] == model_dtype else DTYPES[choice]
+
+
+def few_query_rows(device: torch.device, amx: bool | None = None) -> int:
+    """Up to how many bf16/fp16 query rows attention runs as `Attention.few_queries` instead of SDPA: `FEW_QUERIES`
+    on a CPU without AMX, where SDPA is slow for few half-precision rows; 0 (always SDPA) on a CPU with AMX, where
+    SDPA is faster at every size (scripts/bench_attention.py), and on CUDA. `amx`: the CPU's (default:
+    `cpu_has_amx`)."""
+    if device.type != "cpu":
+        return 0
+    return 0 if (cpu_has_amx() if amx is None else amx) else FEW_QUERIES
 
 
 def row_mv_pays(row_dtype: torch.dtype, device: torch.device, amx: bool | None = None) -> bool:

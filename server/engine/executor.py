@@ -2,11 +2,11 @@
 
 It runs the works of one engine step as one batched pass (`FamRuntime.forward_many`: the dense layers over the
 rows of every work at once, attention per session over its own cache, so sessions at any fill of their block
-share the pass), then one `lm_head` over the rows whose logits were asked for. Two or more sessions that decode
-step after step keep their caches in the executor's `DecodeBatch` (one padded buffer per layer, appended in place,
-one attention call for all of them; dropped when the worker goes idle); the states the jobs get back are still
-values. If the batched pass raises, each
-work runs alone, so that a failure stays with the work that caused it.
+share the pass), then one `lm_head` over the rows whose logits were asked for. Sessions that decode step after
+step (one alone too) keep their caches in the executor's `DecodeBatch` (one padded buffer per layer, appended in
+place, one attention call for all of them; dropped when the worker goes idle); the states the jobs get back are
+still values. If the batched pass raises, each work runs alone, so that a failure stays with the work that caused
+it.
 
 Every pass runs on the pool the server was started with. An earlier rule ran small and interactive passes on one
 thread, because two threads decoded at 12.5 tok/s through the server and one at 28-33. The likely cause was an

@@ -52,7 +52,13 @@ def test_decode_batch_matches_one_by_one(tiny_dirs, dtype):
             docs[i] = new
             kept.append((new, _copy(new)))
     assert in_place > 20  # most steps appended in place
-    m.forward_many([docs[0]], [torch.tensor([5])], decode=batch)  # one decoding document runs alone
+    doc = m.ingest(m.new_state(mode="fam"), torch.tensor([[1, 2, 3]]))[0]
+    one, h_one = m.forward_many([doc], [torch.tensor([5])], decode=batch)[0]  # one alone takes the buffer too
+    assert batch.k and batch.k[0].shape[0] == 1 and batch.newest == [one]
+    alone, h_alone = m.forward_chunk(doc, torch.tensor([[5]]))
+    torch.testing.assert_close(h_one, h_alone, atol=atol, rtol=rtol)
+    assert_states_equal(one, alone, atol=atol, rtol=rtol)
+    m.forward_many([m.new_state(mode="fam")], [torch.tensor([5, 6])], decode=batch)  # nothing decodes: dropped
     assert not batch.k
     # a state the batch returned views a buffer of all its rows; compact() gives one that owns only itself
     view = next(new for new, _ in reversed(kept) if new.k[0].untyped_storage().nbytes() > new.k[0].nbytes)

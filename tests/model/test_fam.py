@@ -191,8 +191,19 @@ def test_few_queries_attention_equals_sdpa(tiny_dirs, rows, masked):
         mask[:, 0] = True
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(attn.few_queries(q, k, v, mask), ref, atol=1e-5, rtol=1e-4)
-    fast = attn.heads(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
-    torch.testing.assert_close(fast.float(), ref, atol=3e-2, rtol=3e-2)
+    for few in (64, 0):  # few_queries (CPUs without AMX), SDPA (with AMX, CUDA)
+        attn.few_rows = few
+        fast = attn.heads(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        torch.testing.assert_close(fast.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_few_queries_only_on_cpus_without_amx():
+    from model import loader
+
+    cpu = torch.device("cpu")
+    assert loader.few_query_rows(cpu, amx=False) == 64
+    assert loader.few_query_rows(cpu, amx=True) == 0
+    assert loader.few_query_rows(torch.device("cuda"), amx=False) == 0
 
 
 def test_gradient_reaches_prompt_through_blocks(tiny_dirs):

@@ -98,15 +98,22 @@ def test_row_copies_refuse_a_wrapped_projection(tiny_dirs):
 
 @torch.no_grad()
 def test_one_row_as_mv_reads_the_weights_themselves(tiny_dirs):
-    """`mv` without copies: one row runs as torch.mv over the projections' own weights (shared, unfused), close to
-    the plain pass; passes of more rows are unchanged, bit for bit."""
+    """`mv` without copies: one row runs as torch.mv over the projections' own weights (shared; q/k/v and gate/up
+    fused, the projections viewing the fused tensors), close to the plain pass; passes of more rows are unchanged,
+    bit for bit."""
     m = tiny(tiny_dirs["llama"], mode="fam", block_size=16, memory_blocks=1, fam_len=4).to(torch.bfloat16)
     state, tok, chunk = _doc(m, 21, 1), torch.tensor([[7]]), torch.tensor([[7, 8, 9]])
     ref_one, ref_many = m.forward_chunk(state, tok), m.forward_chunk(state, chunk)
+    before = {n: p.clone() for n, p in m.named_parameters()}
     m.keep_row_weights(None, mv=True)
-    down, q = m.layers[0].mlp.down_proj, m.layers[0].self_attn.q_proj
-    assert down.row_weight.data_ptr() == down.weight.data_ptr() and q.row_weight.data_ptr() == q.weight.data_ptr()
-    assert m.layers[0].self_attn.row_qkv is None and m.layers[0].mlp.row_gate_up is None
+    attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
+    assert mlp.down_proj.row_weight.data_ptr() == mlp.down_proj.weight.data_ptr()
+    assert attn.q_proj.row_weight is None and mlp.up_proj.row_weight is None
+    assert attn.row_qkv.data_ptr() == attn.q_proj.weight.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == attn.row_qkv[-attn.v_proj.weight.shape[0]:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.row_gate_up[mlp.gate_proj.weight.shape[0]:].data_ptr()
+    after = dict(m.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], p) for n, p in before.items())
     one, many = m.forward_chunk(state, tok), m.forward_chunk(state, chunk)
     assert torch.equal(many[1], ref_many[1])
     torch.testing.assert_close(one[1], ref_one[1], atol=5e-2, rtol=5e-2)
@@ -117,9 +124,10 @@ def test_one_row_as_mv_reads_the_weights_themselves(tiny_dirs):
         m.forward_chunk(state, tok)
     finally:
         torch.mv = real_mv
-    assert len(calls) == 7 * len(m.layers)  # q, k, v, o, gate, up, down: every projection of one row
+    assert len(calls) == 4 * len(m.layers)  # q/k/v, o, gate/up, down: every projection of one row
     m.keep_row_weights(None)
-    assert getattr(q, "row_weight", None) is None and torch.equal(m.forward_chunk(state, tok)[1], ref_one[1])
+    assert attn.row_qkv is None and mlp.down_proj.row_weight is None
+    assert torch.equal(m.forward_chunk(state, tok)[1], ref_one[1])
 
 
 def test_mv_only_for_half_precision_on_a_cpu_with_amx():
