@@ -30,6 +30,8 @@ from model.state import FamState
 # Attention of up to this many query rows runs as plain matmuls in bf16/fp16 on CPUs without AMX
 # (Attention.few_queries; `loader.few_query_rows` sets each model's).
 FEW_QUERIES = 64
+# Projections of up to this many rows run as W @ x^T where one row runs as mv (`project`).
+FEW_ROWS = 64
 
 
 def row_product(x: Tensor, w: Tensor, mv: bool) -> Tensor:
@@ -43,11 +45,18 @@ def row_product(x: Tensor, w: Tensor, mv: bool) -> Tensor:
 def project(lin: nn.Module, x: Tensor) -> Tensor:
     """lin(x), except that one row (a token decoded alone) reads the layer's `row_weight` where the model keeps
     one (`FamLM.keep_row_weights`): a one-row projection reads every weight once for two FLOPs each, so its time is
-    the weights' bytes over the memory bandwidth, and a bfloat16 copy halves them."""
+    the weights' bytes over the memory bandwidth, and a bfloat16 copy halves them. Where one row runs as mv (bf16
+    on AMX CPUs), 2 to `FEW_ROWS` rows (a decode batch, a short prompt) run as W @ x^T: oneDNN's bf16 GEMM is
+    faster in that orientation for few rows (2 AMX cores, 8 rows: [3072, 576] 239 against 413 us, the [49152, 576]
+    lm_head 1.6 against 3.8 ms; 30 distinct matrices, so from memory)."""
+    rows = x.numel() // x.shape[-1]
     w = getattr(lin, "row_weight", None)
-    if w is None or x.numel() != x.shape[-1]:
+    if w is not None and rows == 1:
+        y = row_product(x, w, lin.row_mv)
+    elif 1 < rows <= FEW_ROWS and getattr(lin, "row_mv", False) and type(lin) is nn.Linear:
+        y = (lin.weight @ x.reshape(rows, -1).T).T.contiguous().reshape(*x.shape[:-1], -1)
+    else:
         return lin(x)
-    y = row_product(x, w, lin.row_mv)
     return y if lin.bias is None else y + lin.bias
 
 
@@ -488,10 +497,11 @@ class FamLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden states [..., d] -> float32 logits [..., vocab]. One row reads the lm_head's row copy
-        where the model keeps one (`project`); 2 to 64 float32 rows (a decode batch) run as W @ hidden^T, the
-        orientation in which the float32 GEMM is faster for few rows against a large vocabulary (the default
-        model's [49152, 576] lm_head on the AVX2 EPYC, 2 threads: 4.8 against 17.9 ms for 2 rows, 8.4 against
-        17.3 for 8, 13.5 against 21.4 for 16, equal from 256)."""
+        where the model keeps one (`project`, which also runs 2 to `FEW_ROWS` bf16 rows as W @ hidden^T on AMX
+        CPUs); 2 to 64 float32 rows (a decode batch) run as W @ hidden^T, the orientation in which the float32 GEMM
+        is faster for few rows against a large vocabulary (the default model's [49152, 576] lm_head on the AVX2
+        EPYC, 2 threads: 4.8 against 17.9 ms for 2 rows, 8.4 against 17.3 for 8, 13.5 against 21.4 for 16, equal
+        from 256)."""
         lin, rows = self.lm_head, hidden.numel() // hidden.shape[-1]
         if 1 < rows <= 64 and hidden.dtype == torch.float32 and type(lin) is nn.Linear and lin.bias is None:
             return (lin.weight @ hidden.reshape(rows, -1).T).T.contiguous().reshape(*hidden.shape[:-1], -1)

@@ -244,7 +244,7 @@ def run_targets(args: argparse.Namespace) -> None:
             # a decoded token reads every weight once (the lm_head included; alone, from the decode copy if the
             # server keeps one) and the whole state
             r8k = ref[n8k]
-            weight_bytes = 4 if (args.dtype if args.decode_dtype == "none" else args.decode_dtype) == "float32" else 2
+            weight_bytes = 4 if (args.dtype if args.row_dtype == "none" else args.row_dtype) == "float32" else 2
             token_bytes = weight_bytes * (r8k["nonemb_params"] + r8k["lm_head_params"]) + r8k["state_bytes"]
             warm = new_session(base)  # first ingest and chat: allocator pools, workspaces
             timed_ingest(base, warm, document(base, 600, 98))
@@ -271,8 +271,8 @@ def run_targets(args: argparse.Namespace) -> None:
     idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
     bulk_rate = bulk_tokens / bulk_wall
     longest = max(lengths)
-    lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype} (decode copy: "
-             f"{args.decode_dtype}), sessions in `{mode}` "
+    lines = [f"Benchmark of {time.strftime('%Y-%m-%d')}, {threads} thread(s), {args.dtype} (--decode-dtype "
+             f"{args.decode_dtype}: decode copy {args.row_dtype}), sessions in `{mode}` "
              f"mode (the server's default; the in-process runs alike), load average at start "
              f"{args.load_at_start:.1f}; command: `python scripts/bench_server.py {' '.join(sys.argv[1:])}`.", "",
              "| measurement | tok/s or s |", "|---|---:|"]
@@ -414,7 +414,9 @@ def main() -> None:
         args.dtype = str(loader.resolve_dtype("auto", loader.resolve_device(args.device))).removeprefix("torch.")
     decode = loader.resolve_decode_dtype(args.decode_dtype, loader.resolve_dtype(args.dtype),
                                          loader.resolve_device(args.device))
-    args.decode_dtype = "none" if decode is None else str(decode).removeprefix("torch.")
+    # the server gets the flag as given ("auto" also turns on the one-row mv path where it pays); the copy's dtype
+    # names the bytes a decoded token reads
+    args.row_dtype = "none" if decode is None else str(decode).removeprefix("torch.")
     if args.tradeoff:
         run_tradeoff(args)
         return
