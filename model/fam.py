@@ -42,6 +42,13 @@ def row_product(x: Tensor, w: Tensor, mv: bool) -> Tensor:
     return y.to(x.dtype)
 
 
+def weight_first(x: Tensor, w: Tensor) -> Tensor:
+    """x [..., in] times w^T computed as W @ x^T (the orientation in which oneDNN's and MKL's GEMMs are faster for
+    few rows against a wide weight: `project`, `FamLM.logits`)."""
+    rows = x.numel() // x.shape[-1]
+    return (w @ x.reshape(rows, -1).T).T.contiguous().reshape(*x.shape[:-1], -1)
+
+
 def project(lin: nn.Module, x: Tensor) -> Tensor:
     """lin(x), except that one row (a token decoded alone) reads the layer's `row_weight` where the model keeps
     one (`FamLM.keep_row_weights`): a one-row projection reads every weight once for two FLOPs each, so its time is
@@ -54,7 +61,7 @@ def project(lin: nn.Module, x: Tensor) -> Tensor:
     if w is not None and rows == 1:
         y = row_product(x, w, lin.row_mv)
     elif 1 < rows <= FEW_ROWS and getattr(lin, "row_mv", False) and type(lin) is nn.Linear:
-        y = (lin.weight @ x.reshape(rows, -1).T).T.contiguous().reshape(*x.shape[:-1], -1)
+        y = weight_first(x, lin.weight)
     else:
         return lin(x)
     return y if lin.bias is None else y + lin.bias
@@ -469,13 +476,14 @@ class FamLM(nn.Module):
         def copy(*lins: nn.Module) -> Tensor | None:
             if any(type(lin) is not nn.Linear for lin in lins):
                 raise TypeError("row copies are made from plain projections (merge a LoRA first)")
-            if dtype is not None:
-                return torch.cat([lin.weight.detach() for lin in lins]).to(dtype)
-            if not mv:
+            if dtype is None and not mv:
                 return None
-            if len(lins) == 1:
+            if dtype is None and len(lins) == 1:
                 return lins[0].weight.detach()  # shared, not copied
-            fused, start = torch.cat([lin.weight.detach() for lin in lins]), 0
+            fused = torch.cat([lin.weight.detach() for lin in lins])
+            if dtype is not None:
+                return fused.to(dtype)
+            start = 0
             for lin in lins:  # the weights become views of the fused tensor: the same values, stored once
                 n = lin.weight.shape[0]
                 lin.weight = nn.Parameter(fused[start:start + n], requires_grad=lin.weight.requires_grad)
@@ -504,7 +512,7 @@ class FamLM(nn.Module):
         from 256)."""
         lin, rows = self.lm_head, hidden.numel() // hidden.shape[-1]
         if 1 < rows <= 64 and hidden.dtype == torch.float32 and type(lin) is nn.Linear and lin.bias is None:
-            return (lin.weight @ hidden.reshape(rows, -1).T).T.contiguous().reshape(*hidden.shape[:-1], -1)
+            return weight_first(hidden, lin.weight)
         return project(lin, hidden).float()
 
 
